@@ -1,0 +1,42 @@
+"""hf_vcon: Vanishing Contributions (VCON, arXiv 2510.09696) compression for the Hugging Face stack.
+
+Data flows one way: config → compressors → layers → model patching → trainer → export.
+"""
+
+from .version import __version__
+
+# Configuration and schedules
+from .config import VConConfig
+from .schedules import beta_at
+
+# Compressions
+from .compressors import Compressor, available_compressors, register_compressor
+
+# Layers and model verbs
+from .layers import VConLinear
+from .model import apply_vcon, get_beta, get_vcon_state, merge_and_unload, set_beta, unload
+from .summary import vcon_summary
+
+# Errors
+from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
+
+__all__ = [
+    "__version__",
+    "VConConfig",
+    "beta_at",
+    "Compressor",
+    "available_compressors",
+    "register_compressor",
+    "VConLinear",
+    "apply_vcon",
+    "get_beta",
+    "get_vcon_state",
+    "merge_and_unload",
+    "set_beta",
+    "unload",
+    "vcon_summary",
+    "IncompatibleCheckpointError",
+    "NoTargetModulesError",
+    "VConError",
+    "VConWarning",
+]

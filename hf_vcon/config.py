@@ -1,0 +1,298 @@
+"""``VConConfig``: what to compress, how, and over how many optimizer steps.
+
+One dataclass, validated on construction, written to and read from ``vcon_config.json`` with a version stamp.
+Each field is documented once, in the class docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from .errors import VConWarning
+from .version import __version__
+
+CONFIG_NAME = "vcon_config.json"
+
+SCHEDULES = ("cosine", "cubic", "linear")
+PRUNE_PATTERNS = ("layer", "row", "N:M")
+BINARY_SCALES = ("channel", "tensor")
+
+DEFAULT_SPARSITY = 0.9
+DEFAULT_PRUNE_PATTERN = "layer"
+DEFAULT_BINARY_SCALE = "tensor"
+
+# Options that only one method reads; giving them with another method is a mistake worth an error.
+METHOD_ONLY_FIELDS = {
+    "sparsity": "prune",
+    "prune_pattern": "prune",
+    "rank": "lowrank",
+    "rank_ratio": "lowrank",
+    "binary_scale": "binary",
+}
+
+_N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
+
+
+def parse_n_m(pattern: str) -> tuple[int, int]:
+    """Parse an ``"N:M"`` prune pattern such as ``"2:4"`` into ``(2, 4)``.
+
+    Raises:
+        ValueError: if the string is not two integers ``0 < N < M`` separated by a colon.
+    """
+    match = _N_M_PATTERN.match(pattern)
+    if match is None or not all(part.isdigit() for part in match.groups()):
+        raise ValueError(
+            f"prune_pattern={pattern!r} is not valid: use 'layer', 'row', or 'N:M' with integers 0 < N < M, "
+            "such as '2:4'."
+        )
+    n, m = (int(part) for part in match.groups())
+    if not 0 < n < m:
+        raise ValueError(f"prune_pattern={pattern!r} is not valid: an N:M pattern needs 0 < N < M, such as '2:4'.")
+    return n, m
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class VConConfig:
+    """Configuration of Vanishing Contributions (VCON, arXiv 2510.09696).
+
+    Each targeted layer outputs ``β·f(x) + (1−β)·g(x)``, f the original layer, g its compressed form, with
+    ``β = max(1 − (t − start_step)/Q, 0)`` over optimizer steps t for the linear schedule.
+
+    Args:
+        method: the compression g: ``"prune"`` (magnitude pruning), ``"binary"`` (sign(W)·mean|W|) or
+            ``"lowrank"`` (truncated SVD factors B·A).
+        target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
+            matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
+            full module name; or ``"all-linear"`` (every Linear/Conv1D except the output head).
+        exclude_modules: modules to leave alone, in the same grammar (``"all-linear"`` excepted).
+        transition_steps: Q. An ``int`` is a number of optimizer steps; a ``float`` in (0, 1] is a fraction of the
+            run's ``max_steps`` (resolved when training starts); ``0`` is the post-shot baseline (β = 0 at once).
+        start_step: β stays 1 until this optimizer step, then the transition starts.
+        schedule: the shape of β over the transition: ``"linear"`` (the paper), ``"cosine"`` or ``"cubic"``.
+        sparsity: prune only; the fraction of weights set to zero, in [0, 1). Defaults to 0.9. Implied by an
+            ``N:M`` pattern (1 − N/M) and may then be omitted.
+        prune_pattern: prune only; ``"layer"`` (unstructured, per layer), ``"row"`` (the same fraction in every
+            output row) or ``"N:M"`` such as ``"2:4"`` (N non-zeros in every M consecutive inputs).
+        rank: lowrank only; the absolute rank r of every targeted layer. Give exactly one of rank and rank_ratio.
+        rank_ratio: lowrank only; r as a fraction in (0, 1) of ``min(in_features, out_features)`` of each layer.
+        binary_scale: binary only; ``"tensor"`` (one mean|W| per weight) or ``"channel"`` (one per output row).
+
+    Raises:
+        ValueError / TypeError: on construction, naming the offending field and the accepted values.
+
+    Example:
+        >>> from hf_vcon import VConConfig
+        >>> VConConfig(method="prune", sparsity=0.5, transition_steps=100).sparsity
+        0.5
+    """
+
+    method: str = "prune"
+    target_modules: Union[str, list[str], None] = "all-linear"
+    exclude_modules: Union[str, list[str], None] = None
+    transition_steps: Union[int, float] = 0.2
+    start_step: int = 0
+    schedule: str = "linear"
+    sparsity: Optional[float] = None
+    prune_pattern: Optional[str] = None
+    rank: Optional[int] = None
+    rank_ratio: Optional[float] = None
+    binary_scale: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self._check_method()
+        self._check_method_only_fields()
+        self._check_targets()
+        self._check_schedule()
+        self._check_prune()
+        self._check_lowrank()
+        self._check_binary()
+
+    # ----------------------------------------------------------------------------------------- validation
+    def _check_method(self) -> None:
+        # The registry is the one list of methods: a new compressor file makes its name valid here.
+        from .compressors import available_compressors
+
+        if self.method not in available_compressors():
+            raise ValueError(f"method={self.method!r} is not known; use one of: {', '.join(available_compressors())}.")
+
+    def _check_method_only_fields(self) -> None:
+        for field, owner in METHOD_ONLY_FIELDS.items():
+            if getattr(self, field) is not None and self.method != owner:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} only applies to method='{owner}', but method={self.method!r}; "
+                    f"remove {field} or set method='{owner}'."
+                )
+
+    def _check_targets(self) -> None:
+        if self.target_modules is None:
+            raise ValueError("target_modules is required: a list of module names, a regex string, or 'all-linear'.")
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, (tuple, set)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+                setattr(self, field, value)
+            if isinstance(value, str):
+                if value == "all-linear":
+                    if field == "exclude_modules":
+                        raise ValueError("exclude_modules='all-linear' would exclude everything; name modules instead.")
+                    continue
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(f"{field}={value!r} is not a valid regular expression: {err}.") from None
+            elif isinstance(value, list):
+                if not value or not all(isinstance(item, str) and item for item in value):
+                    raise TypeError(f"{field}={value!r} must be a non-empty list of module names (strings).")
+            else:
+                raise TypeError(
+                    f"{field} must be a list of module names, a regex string or 'all-linear', not {type(value).__name__}."
+                )
+
+    def _check_schedule(self) -> None:
+        q = self.transition_steps
+        if not _is_number(q) or (isinstance(q, float) and not math.isfinite(q)):
+            raise TypeError(
+                f"transition_steps={q!r} must be an int (optimizer steps), a float in (0, 1] (a fraction of max_steps) "
+                "or 0 (post-shot)."
+            )
+        if q < 0:
+            raise ValueError(f"transition_steps={q!r} must be >= 0 (0 means post-shot: compress at once).")
+        if isinstance(q, float):
+            if q > 1:
+                raise ValueError(
+                    f"transition_steps={q!r}: a float is a fraction of max_steps and must be in (0, 1]; "
+                    f"pass an int ({int(q)}) for a number of optimizer steps."
+                )
+            if q == 0:
+                self.transition_steps = 0
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step!r} must be an int >= 0 (an optimizer step).")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not known; use one of: {', '.join(SCHEDULES)}.")
+
+    def _check_prune(self) -> None:
+        if self.method != "prune":
+            return
+        if self.prune_pattern is None:
+            self.prune_pattern = DEFAULT_PRUNE_PATTERN
+        if not isinstance(self.prune_pattern, str):
+            raise TypeError(f"prune_pattern={self.prune_pattern!r} must be 'layer', 'row' or an 'N:M' string.")
+        if self.prune_pattern in ("layer", "row"):
+            if self.sparsity is None:
+                self.sparsity = DEFAULT_SPARSITY
+            if not _is_number(self.sparsity) or not 0 <= self.sparsity < 1:
+                raise ValueError(f"sparsity={self.sparsity!r} must be a number in [0, 1): the fraction of weights set to zero.")
+            self.sparsity = float(self.sparsity)
+            return
+        n, m = parse_n_m(self.prune_pattern)
+        self.prune_pattern = f"{n}:{m}"
+        implied = 1 - n / m
+        if self.sparsity is None:
+            self.sparsity = implied
+        elif not _is_number(self.sparsity) or not math.isclose(self.sparsity, implied):
+            raise ValueError(
+                f"sparsity={self.sparsity!r} contradicts prune_pattern={self.prune_pattern!r}, which implies "
+                f"sparsity={implied}; omit sparsity with an N:M pattern."
+            )
+
+    def _check_lowrank(self) -> None:
+        if self.method != "lowrank":
+            return
+        if (self.rank is None) == (self.rank_ratio is None):
+            raise ValueError(
+                "method='lowrank' needs exactly one of rank (an int > 0) and rank_ratio (a float in (0, 1)); "
+                f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}."
+            )
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0):
+            raise ValueError(f"rank={self.rank!r} must be an int > 0.")
+        if self.rank_ratio is not None and (not _is_number(self.rank_ratio) or not 0 < self.rank_ratio < 1):
+            raise ValueError(f"rank_ratio={self.rank_ratio!r} must be a number in (0, 1): a fraction of min(in, out).")
+
+    def _check_binary(self) -> None:
+        if self.method != "binary":
+            return
+        if self.binary_scale is None:
+            self.binary_scale = DEFAULT_BINARY_SCALE
+        if self.binary_scale not in BINARY_SCALES:
+            raise ValueError(f"binary_scale={self.binary_scale!r} is not known; use one of: {', '.join(BINARY_SCALES)}.")
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def resolve_transition_steps(self, max_steps: Optional[int] = None) -> int:
+        """Q in optimizer steps: an int as given, a float fraction times ``max_steps`` (rounded).
+
+        Raises:
+            ValueError: if Q is a fraction and ``max_steps`` is unknown or not positive.
+        """
+        if isinstance(self.transition_steps, int):
+            return self.transition_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                f"transition_steps={self.transition_steps} is a fraction of the run and needs max_steps > 0 "
+                f"(got {max_steps!r}); pass an int number of optimizer steps instead."
+            )
+        return max(1, round(self.transition_steps * max_steps))
+
+    # ---------------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict, stamped with the hf_vcon version."""
+        data = dataclasses.asdict(self)
+        data["hf_vcon_version"] = __version__
+        return data
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VConConfig":
+        """Build a config from a dict; unknown keys are ignored with a ``VConWarning``."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"hf_vcon_version"})
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown VConConfig keys {unknown} (written by hf_vcon {data.get('hf_vcon_version', '?')}, "
+                f"read by {__version__}).",
+                VConWarning,
+                stacklevel=2,
+            )
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+        """Write ``vcon_config.json`` into ``save_directory`` (created if needed); returns the file path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **hub_kwargs: Any) -> "VConConfig":
+        """Read ``vcon_config.json`` from a local folder, the file itself, or a Hub repo id.
+
+        ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``…) go to ``huggingface_hub.hf_hub_download``.
+        """
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            file = path
+        elif os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"No {CONFIG_NAME} in {path!r}: it was not saved with hf_vcon.")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
+        with open(file, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))

@@ -1,0 +1,142 @@
+"""``VConLinear``: one Linear/Conv1D layer running VCON's blend ``β·f(x) + (1−β)·g(x)``.
+
+For a linear layer the blend of outputs is a blend of weights (the bias is shared):
+``β(Wx + b) + (1−β)(Cx + b) = (βW + (1−β)C)x + b``, so the layer runs one matmul with an effective weight,
+never two forward passes, and never swaps ``weight.data``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .compressors import Compressor
+
+LinearLike = Union[nn.Linear, Conv1D]
+
+
+class _StraightThroughBlend(torch.autograd.Function):
+    """``lerp(W, C, 1−β)`` whose gradient reaches W unchanged: C(W) is treated as W for backprop (STE)."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, compressed: torch.Tensor, weight_of_compressed: float) -> torch.Tensor:
+        return torch.lerp(latent, compressed, weight_of_compressed)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
+def _keep_in_graph(output: torch.Tensor, unused: list[torch.Tensor]) -> torch.Tensor:
+    """Give ``unused`` trainable tensors an exact zero gradient without reading more than one element of each.
+
+    DistributedDataParallel without ``find_unused_parameters`` fails when a trainable parameter gets no
+    gradient; a path that contributes 0 (β = 1 for g, β = 0 for f) must still be part of the graph.
+    """
+    touched = [tensor.reshape(-1)[:1].sum() for tensor in unused if tensor.requires_grad]
+    if not touched:
+        return output
+    return output + 0.0 * torch.stack(touched).sum().to(output.dtype)
+
+
+class VConLinear(nn.Module):
+    """VCON wrapper of an ``nn.Linear`` or transformers ``Conv1D`` (kept as ``base_layer``, PEFT-style).
+
+    The original path f is ``base_layer`` with its latent dense weight W; the compressed path g is
+    ``compressor.compressed_weight(W, params)``, with any extra trainable tensors of g registered here as
+    ``vcon_<name>`` (low-rank: ``vcon_A`` ``(r, in)``, ``vcon_B`` ``(out, r)``). β is set from outside
+    (:func:`hf_vcon.set_beta` or the trainer); it is not part of the state dict, since it is a function of the
+    optimizer step.
+
+    Args:
+        base_layer: the layer to wrap; its parameters are reused, not copied.
+        compressor: the compression of g (shared by all layers of one config).
+    """
+
+    def __init__(self, base_layer: LinearLike, compressor: Compressor) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(f"VConLinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.compressor = compressor
+        self.beta = 1.0
+        trainable = base_layer.weight.requires_grad
+        for key, tensor in compressor.init_params(self.latent_weight()).items():
+            self.register_parameter(f"vcon_{key}", nn.Parameter(tensor, requires_grad=trainable))
+
+    # ------------------------------------------------------------------------------------------- views
+    @staticmethod
+    def orientation(module: LinearLike) -> tuple[int, int]:
+        """``(out_features, in_features)`` of a Linear or Conv1D (whose weight is stored ``(in, out)``)."""
+        rows, cols = module.weight.shape
+        return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+
+    @property
+    def is_conv1d(self) -> bool:
+        return isinstance(self.base_layer, Conv1D)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The latent dense weight W as the base layer stores it (Conv1D: ``(in, out)``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:
+        return self.base_layer.bias
+
+    @property
+    def out_features(self) -> int:
+        return self.latent_weight().shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.latent_weight().shape[1]
+
+    def latent_weight(self) -> torch.Tensor:
+        """W in Linear orientation ``(out, in)``; a transposed view for Conv1D, whose weight is ``(in, out)``."""
+        weight = self.base_layer.weight
+        return weight.t() if self.is_conv1d else weight
+
+    def compressed_params(self) -> dict[str, torch.Tensor]:
+        """The compressed path's own tensors, keyed as the compressor named them (``{"A": …, "B": …}``)."""
+        return {name[len("vcon_"):]: param for name, param in self.named_parameters(recurse=False)}
+
+    # ------------------------------------------------------------------------------------------ maths
+    def set_beta(self, beta: float) -> None:
+        """Set β, the weight of the original path, in [0, 1]."""
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta={beta!r} must be in [0, 1].")
+        self.beta = float(beta)
+
+    def compressed_weight(self) -> torch.Tensor:
+        """C ``(out, in)``: the weight of g alone (β = 0), without autograd."""
+        with torch.no_grad():
+            return self.compressor.compressed_weight(self.latent_weight(), self.compressed_params())
+
+    def effective_weight(self) -> torch.Tensor:
+        """β·W + (1−β)·C ``(out, in)``, differentiable as VCON trains it."""
+        latent, params = self.latent_weight(), self.compressed_params()
+        if self.compressor.straight_through:
+            return _StraightThroughBlend.apply(latent, self.compressed_weight(), 1.0 - self.beta)
+        return torch.lerp(latent, self.compressor.compressed_weight(latent, params), 1.0 - self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self.compressed_params()
+        if self.beta == 1.0:  # f alone
+            return _keep_in_graph(self.base_layer(x), list(params.values()) if self.training else [])
+        if self.beta == 0.0 and not self.compressor.straight_through:  # g alone, in its cheaper form
+            output = self.compressor.compressed_forward(x, self.latent_weight(), params, self.bias)
+            return _keep_in_graph(output, [self.weight] if self.training else [])
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def merged_weight(self) -> torch.Tensor:
+        """C in the base layer's own orientation (Conv1D: ``(in, out)``), ready to replace its weight."""
+        compressed = self.compressed_weight()
+        return compressed.t().contiguous() if self.is_conv1d else compressed
+
+    def extra_repr(self) -> str:
+        return f"method={self.compressor.name}, beta={self.beta:.4g}"

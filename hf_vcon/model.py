@@ -1,0 +1,226 @@
+"""Model-level verbs: ``apply_vcon → set_beta → merge_and_unload | unload``.
+
+Each verb checks everything first and mutates after, so a failure never leaves a half-patched model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, TypeVar
+
+import torch
+from torch import nn
+
+from .compressors import get_compressor
+from .config import VConConfig
+from .errors import NoTargetModulesError, VConError, VConWarning
+from .layers import VConLinear
+from .targets import ALL_LINEAR, LINEAR_TYPES, find_targets, fused_expert_modules, matches
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+STATE_ATTRIBUTE = "vcon_state"
+_MAX_NAMES_SHOWN = 10
+
+
+@dataclass
+class VConState:
+    """What :func:`apply_vcon` did to a model, kept on it as ``model.vcon_state``."""
+
+    config: VConConfig
+    targeted_module_names: list[str]
+    layers: list[VConLinear] = field(repr=False)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP / ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def get_vcon_state(model: nn.Module) -> Optional[VConState]:
+    """The :class:`VConState` of a model patched by :func:`apply_vcon`, or ``None``."""
+    return getattr(unwrap_model(model), STATE_ATTRIBUTE, None)
+
+
+def require_state(model: nn.Module, verb: str) -> VConState:
+    state = get_vcon_state(model)
+    if state is None:
+        raise VConError(f"{verb} needs a model patched by apply_vcon(model, config); this model has no VCON layers.")
+    return state
+
+
+# --------------------------------------------------------------------------------------------- apply_vcon
+def _check_not_wrapped(model: nn.Module) -> None:
+    if get_vcon_state(model) is not None or any(isinstance(m, VConLinear) for m in model.modules()):
+        raise VConError("This model already has VCON layers; call unload() or merge_and_unload() before apply_vcon again.")
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft absent: nothing of it can be in the model
+        return
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if wrapped or type(model).__name__.startswith("Peft"):
+        raise VConError(
+            f"This model has PEFT adapter layers (e.g. {wrapped[:3]}); VCON cannot wrap them. Apply VCON to the base "
+            "model, or call merge_and_unload() on the PEFT model first."
+        )
+
+
+def _resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
+    names = find_targets(model, config.target_modules, config.exclude_modules)
+    if not names:
+        linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
+        raise NoTargetModulesError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matched no "
+            f"Linear/Conv1D module. Some Linear module names of this model: {linear_names[:_MAX_NAMES_SHOWN]}"
+            f"{' …' if len(linear_names) > _MAX_NAMES_SHOWN else ''}."
+        )
+    return names
+
+
+def _warn_skipped_experts(model: nn.Module, config: VConConfig) -> None:
+    experts = [
+        name
+        for name in fused_expert_modules(model)
+        if config.target_modules == ALL_LINEAR or matches(name, config.target_modules)
+    ]
+    if experts:
+        warnings.warn(
+            f"{len(experts)} module(s) hold fused 3-D expert weights (e.g. {experts[:3]}), not Linear layers; VCON "
+            "skips them and they stay dense.",
+            VConWarning,
+            stacklevel=3,
+        )
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
+    """Wrap the targeted Linear/Conv1D layers of ``model`` with :class:`VConLinear`, in place.
+
+    The model keeps its class (a ``PreTrainedModel`` stays one) and starts at β = 1, where it computes exactly
+    what it computed before. The names wrapped are in ``model.vcon_state.targeted_module_names``.
+
+    Args:
+        model: any ``nn.Module``, typically a transformers ``PreTrainedModel``.
+        config: the :class:`VConConfig`.
+
+    Returns:
+        The same ``model`` object, patched.
+
+    Raises:
+        TypeError: if ``config`` is not a VConConfig.
+        NoTargetModulesError: if the targets match no Linear/Conv1D module (some existing names are listed).
+        ValueError: if a matched layer cannot take the compression (its name is given).
+        VConError: if the model already has VCON or PEFT layers.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+        >>> model = apply_vcon(model, VConConfig(method="binary", target_modules=["query", "value"]))
+        >>> model.vcon_state.targeted_module_names
+        ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.value']
+    """
+    if not isinstance(config, VConConfig):
+        raise TypeError(f"config must be a VConConfig, not {type(config).__name__}.")
+    _check_not_wrapped(model)
+    names = _resolve_targets(model, config)
+    compressor = get_compressor(config)
+    for name in names:
+        module = model.get_submodule(name)
+        out_features, in_features = VConLinear.orientation(module)
+        compressor.check_layer(name, out_features, in_features)
+    _warn_skipped_experts(model, config)
+
+    # Build every wrapper before replacing any, so an error while building leaves the model untouched.
+    layers = [VConLinear(model.get_submodule(name), compressor) for name in names]
+    for name, layer in zip(names, layers):
+        _replace_module(model, name, layer)
+    setattr(model, STATE_ATTRIBUTE, VConState(config=config, targeted_module_names=names, layers=layers))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- β
+def set_beta(model: nn.Module, beta: float) -> None:
+    """Set β (the weight of the original path) on every VCON layer of ``model``, in place.
+
+    Raises:
+        ValueError: if ``beta`` is not in [0, 1].
+        VConError: if the model has no VCON layers.
+    """
+    state = require_state(model, "set_beta")
+    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta!r} must be a number in [0, 1].")
+    for layer in state.layers:
+        layer.set_beta(beta)
+
+
+def get_beta(model: nn.Module) -> float:
+    """The β of the model's VCON layers (they share one unless set one by one)."""
+    return require_state(model, "get_beta").layers[0].beta
+
+
+# ------------------------------------------------------------------------------------- merge and unload
+def _check_finite(state: VConState) -> None:
+    bad = [
+        name
+        for name, layer in zip(state.targeted_module_names, state.layers)
+        if not all(torch.isfinite(tensor).all() for tensor in [layer.weight, *layer.compressed_params().values()])
+    ]
+    if bad:
+        raise VConError(
+            f"Cannot merge: NaN or Inf in the weights of {len(bad)} VCON layer(s), e.g. {bad[:_MAX_NAMES_SHOWN]}. "
+            "The model is unchanged; check the learning rate or load an earlier checkpoint."
+        )
+
+
+def _remove_wrappers(model: nn.Module, state: VConState) -> None:
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        _replace_module(model, name, layer.base_layer)
+    delattr(model, STATE_ATTRIBUTE)
+
+
+def merge_and_unload(model: ModelT) -> ModelT:
+    """Fold the compressed weights (β = 0) into plain ``nn.Linear``/``Conv1D`` modules, in place.
+
+    The result has exactly the state-dict keys and shapes of the unpatched architecture, so ``save_pretrained``
+    then plain ``from_pretrained`` loads it without hf_vcon.
+
+    Returns:
+        The same ``model`` object, now without VCON layers.
+
+    Raises:
+        VConError: if the model has no VCON layers, or any VCON weight is NaN/Inf (the model is left unchanged).
+    """
+    model = unwrap_model(model)
+    state = require_state(model, "merge_and_unload")
+    _check_finite(state)
+    with torch.no_grad():
+        for layer in state.layers:
+            layer.base_layer.weight.copy_(layer.merged_weight())
+    _remove_wrappers(model, state)
+    return model
+
+
+def unload(model: ModelT) -> ModelT:
+    """Remove the VCON layers, putting the latent dense layers back unchanged (nothing folded), in place.
+
+    Returns:
+        The same ``model`` object, now without VCON layers.
+
+    Raises:
+        VConError: if the model has no VCON layers.
+    """
+    model = unwrap_model(model)
+    _remove_wrappers(model, require_state(model, "unload"))
+    return model
+

@@ -1,0 +1,54 @@
+"""β schedules: pure functions of the optimizer step.
+
+β is the weight of the original path f; ``1 − β`` that of the compressed path g. Every schedule starts at
+β = 1 (``t <= start_step``), reaches β = 0 at ``t = start_step + Q`` and stays there. Q = 0 is the post-shot
+baseline: β = 0 from ``start_step`` on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+
+def linear(progress: float) -> float:
+    """The paper's schedule: β = 1 − p, i.e. β_t = max(1 − t/Q, 0) (arXiv 2510.09696, Eq. 2)."""
+    return 1.0 - progress
+
+
+def cosine(progress: float) -> float:
+    """β = (1 + cos(π·p)) / 2: slow at both ends of the transition."""
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cubic(progress: float) -> float:
+    """β = (1 − p)³: fast first, slow last; 1 − β is Zhu & Gupta's gradual-pruning curve."""
+    return (1.0 - progress) ** 3
+
+
+# Keyed by the names VConConfig accepts (config.SCHEDULES); a test keeps the two in step.
+SCHEDULE_FUNCTIONS: dict[str, Callable[[float], float]] = {"linear": linear, "cosine": cosine, "cubic": cubic}
+
+
+def transition_progress(step: int, transition_steps: int, start_step: int = 0) -> float:
+    """p = clamp((step − start_step) / Q, 0, 1); with Q = 0, p jumps from 0 to 1 at ``start_step``."""
+    if step < start_step:
+        return 0.0
+    if transition_steps <= 0:
+        return 1.0
+    return min((step - start_step) / transition_steps, 1.0)
+
+
+def beta_at(step: int, transition_steps: int, start_step: int = 0, schedule: str = "linear") -> float:
+    """β at optimizer step ``step`` for a transition of ``transition_steps`` (Q, in steps).
+
+    Example:
+        >>> beta_at(3, transition_steps=10)
+        0.7
+        >>> beta_at(12, transition_steps=10)
+        0.0
+    """
+    progress = transition_progress(step, transition_steps, start_step)
+    if progress >= 1.0:
+        return 0.0  # exact 0, whatever rounding the curve has at p = 1
+    return SCHEDULE_FUNCTIONS[schedule](progress)

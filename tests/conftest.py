@@ -1,0 +1,90 @@
+"""Tiny models built from configs (no Hub) and the registry-driven method matrix shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_vcon import VConConfig, available_compressors  # noqa: E402
+
+# One or more settings per registered method: a new compressor needs a line here and is then tested everywhere.
+METHOD_SETTINGS = {
+    "prune": [dict(sparsity=0.5), dict(sparsity=0.75, prune_pattern="row"), dict(prune_pattern="2:4")],
+    "binary": [dict(), dict(binary_scale="channel")],
+    "lowrank": [dict(rank=3), dict(rank_ratio=0.25)],
+}
+SETTING_CASES = [
+    pytest.param(method, setting, id=f"{method}-{'-'.join(f'{k}={v}' for k, v in setting.items()) or 'default'}")
+    for method in available_compressors()
+    for setting in METHOD_SETTINGS[method]
+]
+METHOD_CASES = [pytest.param(method, METHOD_SETTINGS[method][0], id=method) for method in available_compressors()]
+
+
+def vcon_config(method: str, setting: dict, **overrides) -> VConConfig:
+    return VConConfig(method=method, **setting, **overrides)
+
+
+def tiny_bert(num_labels: int = 3) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_vit(num_labels: int = 10) -> ViTForImageClassification:
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def tiny_inputs(kind: str, batch: int = 2, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}
+    return {"input_ids": torch.randint(0, 99, (batch, 7), generator=generator)}
+
+
+MODEL_BUILDERS = {"bert": tiny_bert, "vit": tiny_vit, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return MODEL_BUILDERS[kind]().eval()
+
+
+def logits(model, kind: str, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tiny_inputs(kind, seed=seed)).logits

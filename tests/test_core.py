@@ -1,0 +1,306 @@
+"""The VCON layer, the three compressions, patching and merge on tiny BERT, ViT, GPT-2 and Llama models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+
+from conftest import METHOD_CASES, METHOD_SETTINGS, SETTING_CASES, build, logits, tiny_bert, vcon_config
+from hf_vcon import (
+    VConError,
+    VConLinear,
+    apply_vcon,
+    available_compressors,
+    get_vcon_state,
+    merge_and_unload,
+    set_beta,
+    unload,
+    vcon_summary,
+)
+from reference import reference_compressed
+
+KINDS = ["bert", "vit", "gpt2", "llama"]
+AUTO_CLASSES = {
+    "bert": AutoModelForSequenceClassification,
+    "vit": AutoModelForImageClassification,
+    "gpt2": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+}
+
+
+def test_every_registered_method_is_in_the_test_matrix():
+    assert set(METHOD_SETTINGS) == set(available_compressors())
+
+
+def patched(kind: str, method: str, setting: dict, **overrides):
+    original = build(kind)
+    model = apply_vcon(copy.deepcopy(original), vcon_config(method, setting, **overrides))
+    return original, model
+
+
+def as_linear_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+# ------------------------------------------------------------------------------------------ 1. β = 1
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
+def test_beta_one_is_the_original_model(kind, method, setting):
+    original, model = patched(kind, method, setting)
+    assert get_vcon_state(model).targeted_module_names
+    assert isinstance(model, type(original))
+    torch.testing.assert_close(logits(model, kind), logits(original, kind), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ 2. β = 0
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method, setting", SETTING_CASES)
+def test_beta_zero_equals_merged_model_and_naive_reference(kind, method, setting):
+    original, model = patched(kind, method, setting)
+    config = get_vcon_state(model).config
+    set_beta(model, 0.0)
+    blended = logits(model, kind)
+
+    reference = copy.deepcopy(original)
+    for name in get_vcon_state(model).targeted_module_names:
+        module = reference.get_submodule(name)
+        compressed = reference_compressed(as_linear_weight(module), config)
+        with torch.no_grad():
+            module.weight.copy_(compressed.t() if isinstance(module, Conv1D) else compressed)
+    merged = merge_and_unload(copy.deepcopy(model))
+
+    torch.testing.assert_close(blended, logits(merged, kind), atol=1e-5, rtol=0)
+    torch.testing.assert_close(blended, logits(reference, kind), atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------- 3. 0 < β < 1
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method, setting", SETTING_CASES)
+def test_intermediate_beta_blends_two_plain_linears(kind, method, setting):
+    _, model = patched(kind, method, setting)
+    config = get_vcon_state(model).config
+    set_beta(model, 0.3)
+    for layer in get_vcon_state(model).layers:
+        x = torch.randn(5, layer.in_features)
+        dense = nn.Linear(layer.in_features, layer.out_features)
+        compressed = nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            dense.weight.copy_(layer.latent_weight())
+            # g is defined by its trainable factors for low-rank, by C(W) otherwise (test 2 checks both)
+            g_weight = layer.vcon_B @ layer.vcon_A if method == "lowrank" else reference_compressed(layer.latent_weight(), config)
+            compressed.weight.copy_(g_weight)
+            bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+            dense.bias.copy_(bias)
+            compressed.bias.copy_(bias)
+            expected = 0.3 * dense(x) + 0.7 * compressed(x)
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- 4. gradients
+def _one_layer(method: str, setting: dict, conv1d: bool) -> VConLinear:
+    torch.manual_seed(0)
+    base = Conv1D(12, 16) if conv1d else nn.Linear(16, 12)  # both map 16 inputs to 12 outputs
+    model = nn.Sequential(base)
+    apply_vcon(model, vcon_config(method, setting, target_modules=["0"]))
+    return model[0]
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method, setting", SETTING_CASES)
+@pytest.mark.parametrize("beta", [1.0, 0.4, 0.0])
+def test_gradients_match_the_method(method, setting, conv1d, beta):
+    layer = _one_layer(method, setting, conv1d).train()
+    layer.set_beta(beta)
+    x = torch.randn(6, 16, requires_grad=True)
+    upstream = torch.randn(6, 12)
+    (layer(x) * upstream).sum().backward()
+
+    if layer.compressor.straight_through:
+        # Straight-through: W receives exactly the gradient of the effective weight.
+        w_eff = layer.effective_weight().detach().requires_grad_(True)
+        x_ref = x.detach().requires_grad_(True)
+        (F.linear(x_ref, w_eff, layer.bias.detach()) * upstream).sum().backward()
+        torch.testing.assert_close(_oriented_grad(layer), w_eff.grad)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        return
+    # Low-rank: autograd through a naive two-path reference β·f(x) + (1−β)·g(x).
+    w = layer.latent_weight().detach().clone().requires_grad_(True)
+    a = layer.vcon_A.detach().clone().requires_grad_(True)
+    b = layer.vcon_B.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().requires_grad_(True)
+    out = beta * F.linear(x_ref, w, bias) + (1 - beta) * F.linear(F.linear(x_ref, a), b, bias)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(_oriented_grad(layer), w.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.vcon_A.grad, a.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.vcon_B.grad, b.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def _oriented_grad(layer: VConLinear) -> torch.Tensor:
+    grad = layer.weight.grad
+    return grad.t() if layer.is_conv1d else grad
+
+
+# ---------------------------------------------------------------------------------- 5. after merge
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method, setting", SETTING_CASES)
+def test_merged_model_is_compressed_and_reloads(kind, method, setting, tmp_path):
+    original, model = patched(kind, method, setting)
+    state = get_vcon_state(model)
+    config, names = state.config, list(state.targeted_module_names)
+    set_beta(model, 0.0)
+    expected = logits(model, kind)
+    merged = merge_and_unload(model)
+
+    assert merged is model and get_vcon_state(merged) is None
+    assert not any(isinstance(m, VConLinear) for m in merged.modules())
+    fresh = {key: value.shape for key, value in original.state_dict().items()}
+    assert {key: value.shape for key, value in merged.state_dict().items()} == fresh
+    for name in names:
+        _assert_compressed(as_linear_weight(merged.get_submodule(name)).detach(), config)
+
+    merged.save_pretrained(tmp_path)
+    reloaded = AUTO_CLASSES[kind].from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, kind), expected, atol=1e-5, rtol=0)
+
+
+def _assert_compressed(weight: torch.Tensor, config) -> None:
+    out_features, in_features = weight.shape
+    if config.method == "prune":
+        if config.prune_pattern == "layer":
+            assert int((weight == 0).sum()) == round(weight.numel() * config.sparsity)
+        elif config.prune_pattern == "row":
+            assert ((weight == 0).sum(dim=1) == round(in_features * config.sparsity)).all()
+        else:
+            n, m = (int(x) for x in config.prune_pattern.split(":"))
+            assert ((weight.view(out_features, -1, m) != 0).sum(dim=-1) == n).all()
+    elif config.method == "binary":
+        rows = weight if config.binary_scale == "channel" else weight.reshape(1, -1)
+        for row in rows:
+            magnitudes = row.abs().unique()
+            assert magnitudes.numel() == 1 and magnitudes.item() > 0
+            assert set(row.sign().unique().tolist()) == {-1.0, 1.0}
+    else:
+        rank = config.rank or max(1, round(config.rank_ratio * min(weight.shape)))
+        singular = torch.linalg.svdvals(weight.double())
+        assert rank < min(weight.shape)
+        assert (singular[rank:] <= 1e-5 * singular[0]).all()  # rank ≤ r up to fp32 rounding of B·A
+
+
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
+def test_unload_returns_the_latent_dense_model(method, setting):
+    original, model = patched("bert", method, setting)
+    set_beta(model, 0.0)
+    dense = unload(model)
+    assert get_vcon_state(dense) is None
+    assert dense.state_dict().keys() == original.state_dict().keys()
+    for key, value in original.state_dict().items():
+        assert torch.equal(dense.state_dict()[key], value), key
+
+
+def test_summary_counts_bytes_per_method():
+    _, model = patched("bert", "lowrank", {"rank": 4})
+    summary = vcon_summary(model)
+    layers = get_vcon_state(model).layers
+    assert summary.params_before == sum(l.weight.numel() for l in layers)
+    assert summary.params_after == sum(4 * (l.in_features + l.out_features) for l in layers)
+    assert summary.bytes_after == 4 * summary.params_after
+    assert "lowrank" in str(summary) and "rank 4" in str(summary)
+
+    _, model = patched("bert", "binary", {})
+    summary = vcon_summary(model)
+    assert summary.bytes_after == sum(l.weight.numel() // 8 + 4 for l in get_vcon_state(model).layers)
+
+    _, model = patched("bert", "prune", {"sparsity": 0.5})
+    summary = vcon_summary(model)
+    assert summary.params_after == sum(l.weight.numel() - round(l.weight.numel() * 0.5) for l in get_vcon_state(model).layers)
+
+
+# ------------------------------------------------------------------------------------- targets
+def test_all_linear_leaves_out_heads_and_keeps_everything_else():
+    model = apply_vcon(build("bert"), vcon_config("binary", {}))
+    names = get_vcon_state(model).targeted_module_names
+    linear = [n for n, m in build("bert").named_modules() if isinstance(m, nn.Linear)]
+    assert "classifier" not in names and set(linear) - set(names) == {"classifier"}
+
+    gpt2 = apply_vcon(build("gpt2"), vcon_config("binary", {}))
+    assert "lm_head" not in get_vcon_state(gpt2).targeted_module_names
+    assert any(isinstance(m.base_layer, Conv1D) for m in get_vcon_state(gpt2).layers)
+
+
+def test_exclude_modules_and_regex_targets():
+    model = apply_vcon(build("llama"), vcon_config("binary", {}, target_modules=r".*layers\.1\..*_proj",
+                                                   exclude_modules=["o_proj"]))
+    names = get_vcon_state(model).targeted_module_names
+    assert names and all(".layers.1." in n and not n.endswith("o_proj") for n in names)
+
+
+def test_fused_experts_are_skipped_with_a_warning():
+    class MoeExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 16))
+
+    model = nn.Sequential(nn.Linear(8, 8), MoeExperts())
+    with pytest.warns(UserWarning, match="fused 3-D expert"):
+        apply_vcon(model, vcon_config("binary", {}))
+    assert get_vcon_state(model).targeted_module_names == ["0"]
+
+
+# ------------------------------------------------------------------------------------- lifecycle errors
+def test_wrapping_twice_is_an_error():
+    model = apply_vcon(build("bert"), vcon_config("binary", {}))
+    with pytest.raises(VConError, match="already has VCON"):
+        apply_vcon(model, vcon_config("binary", {}))
+
+
+def test_wrapping_a_peft_model_is_an_error():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build("bert"), LoraConfig(target_modules=["query"], r=2))
+    state = copy.deepcopy(peft_model.state_dict())
+    with pytest.raises(VConError, match="PEFT"):
+        apply_vcon(peft_model, vcon_config("binary", {}))
+    assert all(torch.equal(peft_model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_merge_and_unload_need_a_patched_model():
+    for verb in (merge_and_unload, unload, vcon_summary):
+        with pytest.raises(VConError, match="apply_vcon"):
+            verb(build("bert"))
+    with pytest.raises(VConError, match="apply_vcon"):
+        set_beta(build("bert"), 0.5)
+
+
+def test_merge_refuses_nan_weights_and_leaves_model_untouched():
+    model = apply_vcon(build("bert"), vcon_config("prune", {"sparsity": 0.5}))
+    layer = get_vcon_state(model).layers[1]
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(VConError, match="NaN or Inf"):
+        merge_and_unload(model)
+    assert get_vcon_state(model) is not None
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) or torch.isnan(v).any() for k, v in before.items())
+
+
+def test_set_beta_range():
+    model = apply_vcon(build("bert"), vcon_config("binary", {}))
+    for bad in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="beta"):
+            set_beta(model, bad)
+
+
+def test_base_model_without_head_all_linear():
+    model = AutoModel.from_config(tiny_bert().config)
+    apply_vcon(model, vcon_config("lowrank", {"rank": 2}))
+    assert "pooler.dense" in get_vcon_state(model).targeted_module_names
