@@ -14,7 +14,7 @@ from .compressors import Compressor, available_compressors, register_compressor
 
 # Layers and model verbs
 from .layers import VConLinear
-from .model import apply_vcon, get_beta, get_vcon_state, merge_and_unload, set_beta, unload
+from .model import apply_vcon, get_beta, get_vcon_state, merge_and_unload, set_beta, set_step, unload
 from .summary import vcon_summary
 
 # Errors
@@ -33,6 +33,7 @@ __all__ = [
     "get_vcon_state",
     "merge_and_unload",
     "set_beta",
+    "set_step",
     "unload",
     "vcon_summary",
     "IncompatibleCheckpointError",

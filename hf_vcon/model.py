@@ -16,6 +16,7 @@ from .compressors import get_compressor
 from .config import VConConfig
 from .errors import NoTargetModulesError, VConError, VConWarning
 from .layers import VConLinear
+from .schedules import beta_at
 from .targets import ALL_LINEAR, LINEAR_TYPES, find_targets, fused_expert_modules, matches
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -162,6 +163,26 @@ def set_beta(model: nn.Module, beta: float) -> None:
         raise ValueError(f"beta={beta!r} must be a number in [0, 1].")
     for layer in state.layers:
         layer.set_beta(beta)
+
+
+def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> float:
+    """Set β on every VCON layer from optimizer step ``step`` and the model's config; return that β.
+
+    This is the one call training loops make (the trainer calls it with ``state.global_step`` before every
+    micro-batch): Q is resolved against ``max_steps`` when ``transition_steps`` is a fraction.
+
+    Example:
+        >>> from torch import nn
+        >>> model = apply_vcon(nn.Sequential(nn.Linear(4, 4)), VConConfig(method="binary", transition_steps=10))
+        >>> set_step(model, 3)
+        0.7
+    """
+    state = require_state(model, "set_step")
+    config = state.config
+    beta = beta_at(step, config.resolve_transition_steps(max_steps), config.start_step, config.schedule)
+    for layer in state.layers:
+        layer.set_beta(beta)
+    return beta
 
 
 def get_beta(model: nn.Module) -> float:
