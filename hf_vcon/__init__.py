@@ -14,8 +14,21 @@ from .compressors import Compressor, available_compressors, register_compressor
 
 # Layers and model verbs
 from .layers import VConLinear
-from .model import apply_vcon, get_beta, get_vcon_state, merge_and_unload, set_beta, set_step, unload
+from .model import (
+    apply_vcon,
+    compressed_view,
+    get_beta,
+    get_vcon_state,
+    merge_and_unload,
+    set_beta,
+    set_step,
+    unload,
+)
 from .summary import vcon_summary
+
+# Training and export
+from .trainer import VConCallback, VConTrainer
+from .export import merged_state_dict, model_card, save_merged
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
@@ -36,6 +49,12 @@ __all__ = [
     "set_step",
     "unload",
     "vcon_summary",
+    "compressed_view",
+    "VConCallback",
+    "VConTrainer",
+    "merged_state_dict",
+    "model_card",
+    "save_merged",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "VConError",

@@ -6,8 +6,9 @@ Each verb checks everything first and mutates after, so a failure never leaves a
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -183,6 +184,30 @@ def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> fl
     for layer in state.layers:
         layer.set_beta(beta)
     return beta
+
+
+@contextmanager
+def compressed_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the ``with`` block every VCON layer has β = 0 (the compressed model); each layer's β is restored after.
+
+    Example:
+        >>> from torch import nn
+        >>> model = apply_vcon(nn.Sequential(nn.Linear(4, 4)), VConConfig(method="binary"))
+        >>> with compressed_view(model):
+        ...     get_beta(model)
+        0.0
+        >>> get_beta(model)
+        1.0
+    """
+    state = require_state(model, "compressed_view")
+    betas = [layer.beta for layer in state.layers]
+    try:
+        for layer in state.layers:
+            layer.set_beta(0.0)
+        yield model
+    finally:
+        for layer, beta in zip(state.layers, betas):
+            layer.set_beta(beta)
 
 
 def get_beta(model: nn.Module) -> float:

@@ -49,6 +49,19 @@ class VConSummary:
         """The distinct per-layer settings (e.g. ``["rank 16"]``), in first-seen order."""
         return list(dict.fromkeys(layer.stats.setting for layer in self.layers))
 
+    @property
+    def size_ratio(self) -> float:
+        """bytes after / bytes before, over the targeted layers."""
+        return self.bytes_after / max(self.bytes_before, 1)
+
+    def metrics(self) -> dict[str, float]:
+        """The compressors' per-layer metrics (sparsity, bits, rank…) averaged over the layers, by parameter count."""
+        totals: dict[str, float] = {}
+        for layer in self.layers:
+            for key, value in layer.stats.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * layer.stats.params_before
+        return {key: total / max(self.params_before, 1) for key, total in totals.items()}
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,

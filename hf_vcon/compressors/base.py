@@ -8,7 +8,7 @@ step count: layers hold β and the trainer sets it. Weights are always passed in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
@@ -32,6 +32,7 @@ class CompressionStats:
     bytes_before: int
     bytes_after: int
     setting: str
+    metrics: dict[str, float] = field(default_factory=dict)  # logged as vcon/<name>, e.g. {"sparsity": 0.9}
 
 
 class Compressor:

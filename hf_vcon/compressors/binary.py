@@ -33,4 +33,5 @@ class Binarizer(Compressor):
             bytes_before=numel * size,
             bytes_after=packed_bits_bytes(numel) + scales * size,
             setting=f"1 bit + {scales} scale{'s' if scales > 1 else ''} ({self.config.binary_scale})",
+            metrics={"bits": 1.0},
         )

@@ -57,4 +57,5 @@ class LowRankFactorizer(Compressor):
             bytes_before=weight.numel() * size,
             bytes_after=rank * (out_features + in_features) * params["A"].element_size(),
             setting=f"rank {rank}",
+            metrics={"rank": float(rank)},
         )

@@ -62,4 +62,5 @@ class MagnitudePruner(Compressor):
             bytes_before=numel * size,
             bytes_after=kept * size + packed_bits_bytes(numel),
             setting=f"sparsity {1 - kept / numel:.3f} ({self.config.prune_pattern})",
+            metrics={"sparsity": 1 - kept / numel},
         )

@@ -1,0 +1,263 @@
+"""``VConCallback`` (β from the optimizer step, for any Trainer) and ``VConTrainer`` (the thin Trainer subclass
+that adds compressed evaluation, the merged checkpoint, its model card and ``push_to_hub``).
+
+β is a pure function of ``state.global_step``, the count of optimizer updates, so every micro-batch of one
+gradient-accumulation window sees the same β and a resumed run continues with the β it stopped at.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .checkpoint import verify_checkpoint
+from .config import VConConfig
+from .errors import VConError, VConWarning
+from .export import model_card, save_merged, summary_from_state_dict
+from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, set_step, unwrap_model
+from .summary import VConSummary
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class VConCallback(TrainerCallback):
+    """Drive VCON's β from the optimizer step in any ``transformers.Trainer`` (Seq2SeqTrainer, TRL trainers…).
+
+    Pass it at construction, ``Trainer(..., callbacks=[VConCallback(config)])``: the model is patched at the end of
+    ``Trainer.__init__`` (before the optimizer exists, so low-rank factors are optimised). β is set at the start of
+    every optimizer step, a float ``transition_steps`` is resolved against ``state.max_steps`` when training
+    starts, and ``vcon/beta`` plus the compression metrics (``vcon/sparsity``, ``vcon/rank``, ``vcon/bits``,
+    ``vcon/size_ratio``) are added to the Trainer's logs.
+
+    Args:
+        vcon_config: the configuration; may be omitted if the model was patched with :func:`hf_vcon.apply_vcon`.
+    """
+
+    def __init__(self, vcon_config: Optional[VConConfig] = None) -> None:
+        if vcon_config is not None and not isinstance(vcon_config, VConConfig):
+            raise TypeError(f"vcon_config must be a VConConfig, not {type(vcon_config).__name__}.")
+        self.vcon_config = vcon_config
+        self.model: Optional[nn.Module] = None
+        self.summary: Optional[VConSummary] = None
+        self._last_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Patch ``model`` with this callback's config unless it is patched already (then the configs must agree)."""
+        inner = unwrap_model(model)
+        state = get_vcon_state(inner)
+        if state is None:
+            if self.vcon_config is None:
+                raise ValueError("vcon_config is required: the model was not patched with apply_vcon.")
+            apply_vcon(inner, self.vcon_config)
+        elif self.vcon_config is not None and state.config != self.vcon_config:
+            raise ValueError(
+                f"vcon_config={self.vcon_config} differs from the config the model was patched with ({state.config}); "
+                "pass one of them only."
+            )
+        self.vcon_config = get_vcon_state(inner).config
+        self.model = inner
+        return inner
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.model is None:
+            self.attach(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and get_vcon_state(model) is None:
+            raise VConError(
+                "VConCallback was added after the Trainer was built, too late to patch the model before its optimizer "
+                "exists. Pass it as Trainer(..., callbacks=[VConCallback(config)]) or call apply_vcon(model, config) first."
+            )
+        if model is not None:
+            self.model = unwrap_model(model)
+        self.summary = None
+        self._last_step = None
+        self.update(state.global_step, state.max_steps)
+
+    # ------------------------------------------------------------------------------------------- β
+    def update(self, step: int, max_steps: Optional[int]) -> float:
+        """Set β for optimizer step ``step`` (a no-op when the step has not changed); return the current β."""
+        if step != self._last_step:
+            set_step(self.model, step, max_steps)
+            self._last_step = step
+        return get_beta(self.model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.update(state.global_step, state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.update(state.global_step, state.max_steps)  # the model as it stands after the last update
+
+    # ----------------------------------------------------------------------------------------- logs
+    def log_values(self) -> dict[str, float]:
+        """``vcon/beta`` and the compression metrics of the compressed path."""
+        if self.summary is None:  # computed once per run: the compression's shape does not change
+            self.summary = summary_from_state_dict(self.model)
+        metrics = {f"vcon/{key}": value for key, value in self.summary.metrics().items()}
+        return {"vcon/beta": get_beta(self.model), **metrics, "vcon/size_ratio": self.summary.size_ratio}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.model is None or get_vcon_state(self.model) is None:
+            return
+        values = self.log_values()
+        logs.update(values)
+        # Trainer.log stored a copy in the history before calling the callbacks: keep trainer_state.json complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+
+class VConTrainer(Trainer):
+    """A ``transformers.Trainer`` that fine-tunes with VCON and saves the merged compressed model.
+
+    It takes every ``Trainer`` argument plus:
+
+    Args:
+        vcon_config: the :class:`~hf_vcon.VConConfig`; the model is patched here unless it already was (then
+            ``vcon_config`` may be omitted). A bad config raises here, before any training step.
+        evaluate_compressed: while 0 < β, ``evaluate()`` also reports the compressed model (β = 0 for that
+            evaluation only) under ``<prefix>_compressed_*``.
+
+    ``train()`` sets β from ``state.global_step`` in ``training_step``; ``save_model()`` writes the merged
+    compressed model (plain ``from_pretrained`` loads it) with ``vcon_config.json`` and a model card, while the
+    periodic ``checkpoint-N`` folders keep the VCON layers for ``train(resume_from_checkpoint=...)``.
+
+    Example:
+        ```python
+        trainer = VConTrainer(model=model, args=TrainingArguments("out", max_steps=1000),
+                              vcon_config=VConConfig(method="binary", transition_steps=0.2), train_dataset=ds)
+        trainer.train()
+        trainer.save_model()
+        ```
+    """
+
+    def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True, **kwargs: Any):
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None:
+            raise ValueError("VConTrainer needs model=: model_init (hyperparameter search) is not supported.")
+        self.vcon_callback = VConCallback(vcon_config)
+        self.vcon_callback.attach(model)
+        self.evaluate_compressed = evaluate_compressed
+        super().__init__(*args, **kwargs)
+        # First in line, so the vcon/* values it adds to the logs reach every reporting callback.
+        self.callback_handler.callbacks.insert(0, self.vcon_callback)
+        self._keep_checkpoints_off_the_hub()
+
+    @property
+    def vcon_config(self) -> VConConfig:
+        return self.vcon_callback.vcon_config
+
+    def _keep_checkpoints_off_the_hub(self) -> None:
+        strategy = getattr(self.args, "hub_strategy", "end")
+        strategy = getattr(strategy, "value", strategy)  # HubStrategy is a str Enum
+        if self.args.push_to_hub and strategy != "end":
+            warnings.warn(
+                f"hub_strategy={strategy!r} would push VCON training checkpoints (dense weights plus VCON tensors) as "
+                "the model; VConTrainer pushes only the merged compressed model, at the end (hub_strategy='end').",
+                VConWarning,
+                stacklevel=3,
+            )
+            self.args.hub_strategy = "end"
+
+    # ------------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            verify_checkpoint(os.fspath(checkpoint), self.model)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.vcon_callback.update(self.state.global_step, self.state.max_steps)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs: Any):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        if self.evaluate_compressed and get_beta(self.model) > 0:
+            with compressed_view(self.model):
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_compressed", **kwargs))
+        return metrics
+
+    # --------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Save the merged compressed model to ``output_dir`` (default ``args.output_dir``).
+
+        Checkpoint folders (``checkpoint-N``, written by the Trainer during training) keep the VCON layers and
+        ``vcon_config.json`` instead, so that training can resume from them.
+        """
+        if _internal_call and output_dir is not None and os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            super().save_model(output_dir, _internal_call=True)
+            if self.args.should_save:
+                self.vcon_config.save_pretrained(output_dir)
+            return
+        self._save_merged(output_dir or self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
+    def _full_state_dict(self) -> Optional[dict]:
+        """The full state dict where modules hold shards (FSDP, DeepSpeed); every rank must call this."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return self.accelerator.get_state_dict(self.model)
+        if getattr(self, "is_deepspeed_enabled", False):
+            return self.accelerator.get_state_dict(self.deepspeed)
+        return None
+
+    def _save_merged(self, output_dir: str) -> None:
+        state_dict = self._full_state_dict()
+        if not self.args.should_save:
+            return
+        beta = get_beta(self.model)
+        if beta > 0:
+            warnings.warn(
+                f"Saving the merged compressed model while β = {beta:.4g} > 0: it is the compressed model (β = 0), not "
+                "the blended model being trained. Train past the transition (transition_steps) for the two to agree.",
+                VConWarning,
+                stacklevel=3,
+            )
+        os.makedirs(output_dir, exist_ok=True)
+        self.vcon_summary = save_merged(self.model, output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self._write_model_card(output_dir)
+
+    def _latest_eval_metrics(self) -> dict[str, float]:
+        for entry in reversed(self.state.log_history):
+            metrics = {key: value for key, value in entry.items() if key.startswith("eval_") or key.startswith("test_")}
+            if metrics:
+                return metrics
+        return {}
+
+    def _write_model_card(self, output_dir: str, model_name: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
+        summary = getattr(self, "vcon_summary", None) or summary_from_state_dict(self.model)
+        max_steps = self.state.max_steps or None
+        transition = self.vcon_config.resolve_transition_steps(max_steps) if (
+            isinstance(self.vcon_config.transition_steps, int) or max_steps) else None
+        card = model_card(self.model, summary, transition_steps=transition, metrics=self._latest_eval_metrics(),
+                          model_name=model_name or os.path.basename(os.path.normpath(output_dir)), extra_tags=tags)
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+    def create_model_card(self, model_name: Optional[str] = None, tags=None, **kwargs: Any) -> None:
+        """Write the VCON model card (method, setting, Q, sizes, metrics, versions) to ``args.output_dir``."""
+        if not self.is_world_process_zero():
+            return
+        self._write_model_card(self.args.output_dir, model_name=model_name, tags=[tags] if isinstance(tags, str) else tags)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """Upload the merged compressed model folder (not the training checkpoints) with its model card."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as error:
+            repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(self.args.output_dir)
+            raise VConError(
+                f"Uploading {self.args.output_dir!r} to the Hub repo {repo!r} failed ({type(error).__name__}: {error}). "
+                "The local folder is intact; push it again with trainer.push_to_hub() or huggingface_hub.upload_folder()."
+            ) from error

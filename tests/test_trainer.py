@@ -1,0 +1,350 @@
+"""VConTrainer and VConCallback on tiny in-test models: β per optimizer step, resume, export, card, Hub upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from conftest import METHOD_CASES, tiny_bert, vcon_config
+from hf_vcon import (
+    IncompatibleCheckpointError,
+    NoTargetModulesError,
+    VConCallback,
+    VConConfig,
+    VConError,
+    VConTrainer,
+    VConWarning,
+    get_beta,
+    get_vcon_state,
+    merge_and_unload,
+    save_merged,
+    set_beta,
+)
+
+SEQ_LEN = 8
+
+
+class TinyTextDataset(torch.utils.data.Dataset):
+    """Deterministic random token sequences; the label is a function of the first token, so it can be learnt."""
+
+    def __init__(self, size: int = 32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(0, 99, (size, SEQ_LEN), generator=generator)
+        self.labels = self.input_ids[:, 0] % 3
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+def make_trainer(output_dir, config: VConConfig, trainer_class=VConTrainer, seed: int = 0, **arg_overrides):
+    torch.manual_seed(seed)
+    model = tiny_bert()
+    kwargs = dict(model=model, args=training_args(output_dir, **arg_overrides), train_dataset=TinyTextDataset(),
+                  eval_dataset=TinyTextDataset(16, seed=1))
+    if trainer_class is VConTrainer:
+        return VConTrainer(vcon_config=config, **kwargs)
+    return trainer_class(callbacks=[VConCallback(config)], **kwargs)
+
+
+class BetaRecorder:
+    """Wraps compute_loss to record (global_step, β) for every micro-batch."""
+
+    def __init__(self, trainer):
+        self.records = []
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            self.records.append((trainer.state.global_step, get_beta(trainer.model)))
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss
+
+
+# ------------------------------------------------------------------------------------ 1. β per step
+@pytest.mark.parametrize("trainer_class", [VConTrainer, Trainer], ids=["VConTrainer", "VConCallback"])
+@pytest.mark.parametrize("accumulation", [1, 4])
+@pytest.mark.parametrize("transition_steps", [5, 0.5, 0])
+def test_beta_follows_optimizer_steps(tmp_path, trainer_class, accumulation, transition_steps):
+    config = VConConfig(method="binary", transition_steps=transition_steps)
+    trainer = make_trainer(tmp_path, config, trainer_class, gradient_accumulation_steps=accumulation,
+                           per_device_train_batch_size=2)
+    recorder = BetaRecorder(trainer)
+    trainer.train()
+
+    q = config.resolve_transition_steps(8)
+    assert len(recorder.records) == 8 * accumulation
+    steps = [step for step, _ in recorder.records]
+    assert steps == [t for t in range(8) for _ in range(accumulation)]  # constant within a window
+    for step, beta in recorder.records:
+        assert beta == pytest.approx(max(1 - step / q, 0) if q else 0.0, abs=1e-12)
+        if step >= q:
+            assert beta == 0.0
+    logged = [entry["vcon/beta"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1] == 0.0 and "vcon/bits" in trainer.state.log_history[0]
+
+
+# --------------------------------------------------------------------------------------- 2. resume
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
+def test_resume_mid_transition_equals_uninterrupted_run(tmp_path, method, setting):
+    config = vcon_config(method, setting, transition_steps=6)
+    full = make_trainer(tmp_path / "full", config, save_strategy="steps", save_steps=4)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "vcon_config.json").is_file()
+    assert 0 < 1 - 4 / 6 < 1  # the checkpoint is mid-transition
+
+    resumed = make_trainer(tmp_path / "resumed", config, seed=123)  # other init: the checkpoint must overwrite it
+    recorder = BetaRecorder(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert recorder.records[0] == (4, pytest.approx(1 - 4 / 6))
+    assert get_beta(resumed.model) == get_beta(full.model) == 0.0
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_from_a_checkpoint_without_vcon_raises(tmp_path):
+    plain = Trainer(model=tiny_bert(), args=training_args(tmp_path / "plain", save_strategy="steps", save_steps=2,
+                                                          max_steps=2), train_dataset=TinyTextDataset())
+    plain.train()
+    trainer = make_trainer(tmp_path / "vcon", VConConfig(method="binary", transition_steps=4))
+    with pytest.raises(IncompatibleCheckpointError, match="has no vcon_config.json"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    assert trainer.state.global_step == 0
+
+
+def test_resume_with_another_config_or_missing_tensors_raises(tmp_path):
+    source = make_trainer(tmp_path / "a", VConConfig(method="lowrank", rank=4, transition_steps=4),
+                          save_strategy="steps", save_steps=2, max_steps=2)
+    source.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    other = make_trainer(tmp_path / "b", VConConfig(method="lowrank", rank=2, transition_steps=4))
+    with pytest.raises(IncompatibleCheckpointError, match=r"rank: checkpoint 4 vs now 2"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+
+    weights = load_file(checkpoint / "model.safetensors")
+    dropped = next(key for key in weights if key.endswith("vcon_A"))
+    del weights[dropped]
+    from safetensors.torch import save_file
+
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    same = make_trainer(tmp_path / "c", VConConfig(method="lowrank", rank=4, transition_steps=4))
+    with pytest.raises(IncompatibleCheckpointError, match=rf"1 missing \(e.g. \['{dropped}'\]\)"):
+        same.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------- 3. save_model
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
+def test_save_model_writes_a_plain_checkpoint_of_the_compressed_model(tmp_path, method, setting):
+    config = vcon_config(method, setting, transition_steps=4)
+    trainer = make_trainer(tmp_path, config, eval_strategy="steps", eval_steps=4)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert get_beta(trainer.model) == 0.0 and "eval_compressed_loss" not in metrics
+    trainer.save_model()
+
+    inputs = TinyTextDataset(4, seed=5).input_ids
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=inputs).logits
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=inputs).logits, expected, atol=1e-5, rtol=0)
+    assert get_vcon_state(trainer.model) is not None  # training state untouched: the export is a copy
+
+    saved = json.loads((tmp_path / "vcon_config.json").read_text())
+    assert saved["method"] == method and saved["transition_steps"] == 4 and "hf_vcon_version" in saved
+    card = (tmp_path / "README.md").read_text()
+    for needle in ("hf_vcon", "- vcon", f"- {method}", "| method |", "| transition Q | 4 (4 optimizer steps) |",
+                   "| schedule | linear", "parameters of targeted layers", "bytes of targeted layers",
+                   f"| eval_loss | {metrics['eval_loss']:.6g} |", "transformers", "PyTorch"):
+        assert needle in card, needle
+    summary_setting = {"prune": "sparsity 0.500", "binary": "1 bit", "lowrank": "rank 3"}[method]
+    assert summary_setting in card
+
+
+def test_saved_model_loads_without_hf_vcon(tmp_path):
+    trainer = make_trainer(tmp_path, VConConfig(method="prune", sparsity=0.75, transition_steps=2), max_steps=3)
+    trainer.train()
+    trainer.save_model()
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r})\n"
+        "assert 'hf_vcon' not in sys.modules\n"
+        "w = model.bert.encoder.layer[0].attention.self.query.weight\n"
+        "print(int((w == 0).sum()), w.numel())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    zeros, total = map(int, result.stdout.split()[-2:])
+    assert zeros == round(total * 0.75)
+
+
+def test_saving_mid_transition_warns(tmp_path):
+    trainer = make_trainer(tmp_path, VConConfig(method="binary", transition_steps=100), max_steps=2)
+    trainer.train()
+    with pytest.warns(VConWarning, match="while β = 0.98 > 0"):
+        trainer.save_model()
+
+
+def test_evaluate_reports_the_compressed_model_during_the_transition(tmp_path):
+    trainer = make_trainer(tmp_path, VConConfig(method="binary", transition_steps=100), max_steps=2)
+    trainer.train()
+    beta = get_beta(trainer.model)
+    metrics = trainer.evaluate()
+    assert 0 < beta == get_beta(trainer.model)  # restored
+    assert {"eval_loss", "eval_compressed_loss"} <= metrics.keys()
+    with torch.no_grad():
+        set_beta(trainer.model, 0.0)
+        compressed_only = trainer.evaluate()["eval_loss"]
+    assert metrics["eval_compressed_loss"] == pytest.approx(compressed_only, rel=1e-6)
+    assert metrics["eval_compressed_loss"] != pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- 4. VConCallback
+def test_callback_on_a_plain_trainer_trains_and_exports(tmp_path):
+    config = VConConfig(method="lowrank", rank=4, transition_steps=3)
+    trainer = make_trainer(tmp_path, config, trainer_class=Trainer, max_steps=4)
+    assert get_vcon_state(trainer.model) is not None  # patched at the end of Trainer.__init__
+    factors = {name for name, _ in trainer.model.named_parameters() if "vcon_" in name}
+    trainer.train()
+    optimised = {name for name, p in trainer.model.named_parameters() if p in trainer.optimizer.state}
+    assert factors and factors <= optimised
+
+    save_merged(trainer.model, tmp_path / "export")
+    inputs = TinyTextDataset(4, seed=5).input_ids
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=inputs).logits
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+        torch.testing.assert_close(reloaded(input_ids=inputs).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merge_and_unload(trainer.model)(input_ids=inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_callback_added_too_late_is_a_clear_error(tmp_path):
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=TinyTextDataset())
+    trainer.add_callback(VConCallback(VConConfig(method="binary")))
+    with pytest.raises(VConError, match="added after the Trainer was built"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------- 5. gradient checkpointing
+def _losses(trainer):
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches(tmp_path, method, setting, reentrant):
+    config = vcon_config(method, setting, transition_steps=3)
+    reference = _losses(make_trainer(tmp_path / "ref", config, max_steps=5))
+    trainer = make_trainer(tmp_path / "gc", config, max_steps=5, gradient_checkpointing=True,
+                           gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = _losses(trainer)
+    encoder_layer = trainer.model.bert.encoder.layer[0]
+    assert getattr(encoder_layer, "gradient_checkpointing", False) or trainer.model.bert.encoder.gradient_checkpointing
+    assert checkpointed == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- 6. bad config
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        (VConConfig(method="lowrank", rank=64), ValueError, r"rank=64 gives rank 64 for layer"),
+        (VConConfig(method="binary", target_modules=["nothing"]), NoTargetModulesError, "matched no"),
+        ({"method": "binary"}, TypeError, "vcon_config must be a VConConfig"),
+    ],
+    ids=["rank", "no-match", "dict"],
+)
+def test_bad_config_fails_in_init(tmp_path, config, error, message):
+    with pytest.raises(error, match=message):
+        VConTrainer(model=tiny_bert(), args=training_args(tmp_path), vcon_config=config, train_dataset=TinyTextDataset())
+    assert not any(tmp_path.iterdir())
+
+
+def test_conflicting_configs_are_an_error(tmp_path):
+    from hf_vcon import apply_vcon
+
+    model = apply_vcon(tiny_bert(), VConConfig(method="binary"))
+    with pytest.raises(ValueError, match="differs from the config the model was patched with"):
+        VConTrainer(model=model, args=training_args(tmp_path), vcon_config=VConConfig(method="prune"))
+
+
+# ---------------------------------------------------------------------------------- push_to_hub
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace the Hub calls at the huggingface_hub boundary; record the uploads."""
+    import huggingface_hub
+    import transformers.trainer as trainer_module
+
+    uploads = []
+
+    class RepoUrl(str):
+        repo_id = "user/tiny-vcon"
+
+    def create_repo(*args, **kwargs):
+        return RepoUrl("https://huggingface.co/user/tiny-vcon")
+
+    def upload_folder(*args, **kwargs):
+        uploads.append(kwargs)
+        if fake_hub_state["fail"]:
+            raise ConnectionError("network is unreachable")
+        return "commit-info"
+
+    fake_hub_state = {"fail": False}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: create_repo(*a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *a, **k: upload_folder(*a, **k))
+    for name, replacement in (("create_repo", create_repo), ("upload_folder", upload_folder)):
+        if hasattr(trainer_module, name):  # transformers 4.x binds these names at import
+            monkeypatch.setattr(trainer_module, name, replacement)
+    return uploads, fake_hub_state
+
+
+def test_push_to_hub_uploads_the_merged_folder_with_its_card(tmp_path, fake_hub):
+    uploads, _ = fake_hub
+    trainer = make_trainer(tmp_path, VConConfig(method="binary", transition_steps=2), max_steps=3, push_to_hub=True,
+                           hub_model_id="user/tiny-vcon", save_strategy="steps", save_steps=3)
+    trainer.train()
+    trainer.push_to_hub()
+    assert uploads and uploads[-1]["folder_path"] == str(tmp_path)
+    assert "checkpoint-*" in uploads[-1]["ignore_patterns"]
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not any("base_layer" in key or "vcon_" in key for key in weights)
+    card = (tmp_path / "README.md").read_text()
+    assert "- binary" in card and "| method | binary |" in card
+
+
+def test_failed_upload_keeps_the_local_folder_and_says_what_failed(tmp_path, fake_hub):
+    uploads, state = fake_hub
+    trainer = make_trainer(tmp_path, VConConfig(method="binary", transition_steps=2), max_steps=3,
+                           hub_model_id="user/tiny-vcon")
+    trainer.train()
+    trainer.save_model()
+    before = {path: (tmp_path / path).read_bytes() for path in ("model.safetensors", "config.json", "vcon_config.json")}
+    state["fail"] = True
+    with pytest.raises(VConError, match=r"Uploading .* to the Hub repo 'user/tiny-vcon' failed \(ConnectionError: network"):
+        trainer.push_to_hub()
+    assert all((tmp_path / path).read_bytes() == data for path, data in before.items())
