@@ -14,8 +14,21 @@ from .compressors import Compressor, available_compressors, register_compressor
 
 # Layers and model verbs
 from .layers import VConLinear
-from .model import apply_vcon, get_beta, get_vcon_state, merge_and_unload, set_beta, set_step, unload
+from .model import (
+    apply_vcon,
+    get_beta,
+    get_vcon_state,
+    merge_and_unload,
+    release_dense_paths,
+    set_beta,
+    set_step,
+    unload,
+)
 from .summary import vcon_summary
+
+# Compact checkpoints
+from .compact import load_compressed, save_compressed
+from .compressors.lowrank import LowRankLinear
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
@@ -32,10 +45,14 @@ __all__ = [
     "get_beta",
     "get_vcon_state",
     "merge_and_unload",
+    "release_dense_paths",
     "set_beta",
     "set_step",
     "unload",
     "vcon_summary",
+    "save_compressed",
+    "load_compressed",
+    "LowRankLinear",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "VConError",
