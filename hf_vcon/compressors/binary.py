@@ -50,18 +50,22 @@ class Binarizer(Compressor):
     def pack(self, weight, params):
         weight = weight.detach()
         packed = {"signs": pack_bits(weight > 0), "scale": self.scale(weight).reshape(self._scale_shape(weight.shape[0]))}
-        if bool((weight == 0).any()):  # sign(0) = 0 needs a third value: a packed non-zero mask, stored only then
-            packed["nonzero"] = pack_bits(weight != 0)
+        zeros = torch.nonzero(weight.reshape(-1) == 0).reshape(-1)
+        if zeros.numel():  # sign(0) = 0 needs a third value: the (rare) exact zeros' flat positions, stored only then
+            packed["zero_positions"] = zeros
         return packed
 
     def unpacked_weight(self, tensors, out_features, in_features):
         numel = out_features * in_features
         bits = (packed_bits_bytes(numel),)
-        check_packed(self.name, tensors, {"signs": bits, "scale": self._scale_shape(out_features)}, optional=("nonzero",))
-        if "nonzero" in tensors and tuple(tensors["nonzero"].shape) != bits:
-            raise ValueError(f"binary: packed tensor 'nonzero' has shape {list(tensors['nonzero'].shape)}, expected {list(bits)}.")
+        check_packed(self.name, tensors, {"signs": bits, "scale": self._scale_shape(out_features)},
+                     optional=("zero_positions",))
         scale = tensors["scale"]
-        signs = unpack_bits(tensors["signs"], numel).view(out_features, in_features).to(scale.dtype).mul_(2).sub_(1)
-        if "nonzero" in tensors:
-            signs.mul_(unpack_bits(tensors["nonzero"], numel).view(out_features, in_features))
+        signs = unpack_bits(tensors["signs"], numel).to(scale.dtype).mul_(2).sub_(1)
+        zeros = tensors.get("zero_positions")
+        if zeros is not None:
+            if zeros.dim() != 1 or zeros.is_floating_point() or (zeros.numel() and not 0 <= int(zeros.min()) <= int(zeros.max()) < numel):
+                raise ValueError(f"binary: 'zero_positions' must be flat indices below {numel}.")
+            signs[zeros] = 0
+        signs = signs.view(out_features, in_features)
         return signs.mul_(scale if self.config.binary_scale == "channel" else scale.reshape(()))
