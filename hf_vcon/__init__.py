@@ -20,6 +20,7 @@ from .model import (
     get_beta,
     get_vcon_state,
     merge_and_unload,
+    release_dense_paths,
     set_beta,
     set_step,
     unload,
@@ -29,6 +30,10 @@ from .summary import vcon_summary
 # Training and export
 from .trainer import VConCallback, VConTrainer
 from .export import merged_state_dict, model_card, save_merged
+
+# Compact checkpoints
+from .compact import load_compressed, save_compressed
+from .compressors.lowrank import LowRankLinear
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
@@ -45,16 +50,21 @@ __all__ = [
     "get_beta",
     "get_vcon_state",
     "merge_and_unload",
+    "release_dense_paths",
     "set_beta",
     "set_step",
     "unload",
     "vcon_summary",
     "compressed_view",
+    "release_dense_paths",
     "VConCallback",
     "VConTrainer",
     "merged_state_dict",
     "model_card",
     "save_merged",
+    "save_compressed",
+    "load_compressed",
+    "LowRankLinear",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "VConError",

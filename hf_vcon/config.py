@@ -87,6 +87,10 @@ class VConConfig:
         rank: lowrank only; the absolute rank r of every targeted layer. Give exactly one of rank and rank_ratio.
         rank_ratio: lowrank only; r as a fraction in (0, 1) of ``min(in_features, out_features)`` of each layer.
         binary_scale: binary only; ``"tensor"`` (one mean|W| per weight) or ``"channel"`` (one per output row).
+        recompute_every: prune and binary; recompute what C(W) needs besides W (the keep-mask, the scale) every
+            this many optimizer steps. 1 (the default, as the paper) recomputes it once per optimizer step, never
+            per micro-batch; k > 1 trades freshness of the mask/scale for speed (``benchmarks/overhead.py``
+            shows the cost) and needs the step from :func:`hf_vcon.set_step` (the trainer calls it).
 
     Raises:
         ValueError / TypeError: on construction, naming the offending field and the accepted values.
@@ -108,6 +112,7 @@ class VConConfig:
     rank: Optional[int] = None
     rank_ratio: Optional[float] = None
     binary_scale: Optional[str] = None
+    recompute_every: int = 1
 
     def __post_init__(self) -> None:
         self._check_method()
@@ -117,6 +122,7 @@ class VConConfig:
         self._check_prune()
         self._check_lowrank()
         self._check_binary()
+        self._check_recompute_every()
 
     # ----------------------------------------------------------------------------------------- validation
     def _check_method(self) -> None:
@@ -228,6 +234,18 @@ class VConConfig:
             self.binary_scale = DEFAULT_BINARY_SCALE
         if self.binary_scale not in BINARY_SCALES:
             raise ValueError(f"binary_scale={self.binary_scale!r} is not known; use one of: {', '.join(BINARY_SCALES)}.")
+
+    def _check_recompute_every(self) -> None:
+        every = self.recompute_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"recompute_every={every!r} must be an int >= 1 (optimizer steps between mask/scale updates).")
+        from .compressors.base import compressor_class
+
+        if every != 1 and not compressor_class(self.method).straight_through:
+            raise ValueError(
+                f"recompute_every={every} only applies to methods whose compressed weight is recomputed from W "
+                f"(prune, binary), not method={self.method!r}; remove it."
+            )
 
     # ------------------------------------------------------------------------------------------ schedule
     def resolve_transition_steps(self, max_steps: Optional[int] = None) -> int:

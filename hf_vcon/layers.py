@@ -3,6 +3,11 @@
 For a linear layer the blend of outputs is a blend of weights (the bias is shared):
 ``β(Wx + b) + (1−β)(Cx + b) = (βW + (1−β)C)x + b``, so the layer runs one matmul with an effective weight,
 never two forward passes, and never swaps ``weight.data``.
+
+Cost (see ``benchmarks/overhead.py``): for straight-through compressions (prune, binary) what C needs besides W
+(the keep-mask, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
+backward instead of being kept alive between forward and backward. Once β = 0 a low-rank layer computes only
+``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .compressors import Compressor
+from .errors import VConError
 
 LinearLike = Union[nn.Linear, Conv1D]
 
@@ -29,6 +35,38 @@ class _StraightThroughBlend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output, None, None
+
+
+class _StraightThroughLinear(torch.autograd.Function):
+    """``F.linear(x, blend(W, state, β), b)`` whose weight gradient reaches W unchanged (STE).
+
+    Only x, W (a parameter: no copy) and the small compression state are saved; the effective weight is rebuilt
+    in backward for the input gradient, so no full-size temporary lives from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, latent, bias, state, compressor: Compressor, beta: float):
+        ctx.compressor, ctx.beta, ctx.has_bias = compressor, beta, bias is not None
+        ctx.save_for_backward(x, latent, state)
+        with torch.no_grad():
+            weight = compressor.blend(latent, state, beta)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, latent, state = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        dtype = grad_output.dtype  # under autocast the forward matmul ran in a lower precision
+        if ctx.needs_input_grad[0]:
+            weight = ctx.compressor.blend(latent, state, ctx.beta).to(dtype)  # (out, in)
+            grad_x = (grad_output @ weight).to(x.dtype)
+            del weight
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_2d.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(latent.dtype)  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(dim=0).to(latent.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def _keep_in_graph(output: torch.Tensor, unused: list[torch.Tensor]) -> torch.Tensor:
@@ -64,6 +102,10 @@ class VConLinear(nn.Module):
         self.base_layer = base_layer
         self.compressor = compressor
         self.beta = 1.0
+        self.optimizer_step: Optional[int] = None  # set by hf_vcon.set_step; keys the compression-state cache
+        self.dense_released = False  # set by hf_vcon.release_dense_paths
+        self._state: Optional[torch.Tensor] = None
+        self._state_key: Optional[tuple] = None
         trainable = base_layer.weight.requires_grad
         for key, tensor in compressor.init_params(self.latent_weight()).items():
             self.register_parameter(f"vcon_{key}", nn.Parameter(tensor, requires_grad=trainable))
@@ -110,7 +152,32 @@ class VConLinear(nn.Module):
         """Set β, the weight of the original path, in [0, 1]."""
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta={beta!r} must be in [0, 1].")
+        if beta > 0.0 and self.dense_released:
+            raise VConError(
+                f"beta={beta!r} needs the dense path, which release_dense_paths() froze; rebuild the model (or resume "
+                "from a checkpoint) to train it again."
+            )
         self.beta = float(beta)
+
+    def compression_state(self) -> torch.Tensor:
+        """What C(W) needs besides W (prune: keep-mask; binary: scale), cached for one optimizer step.
+
+        The cache is keyed on the optimizer step given by :func:`hf_vcon.set_step` and on W's version counter
+        (every in-place update of W, as optimizers make, bumps it), so micro-batches of one accumulation window
+        and gradient-checkpoint recomputation reuse it. With ``recompute_every=k`` in the config and a step set,
+        it is refreshed only every k optimizer steps.
+        """
+        weight = self.latent_weight()
+        every = getattr(self.compressor.config, "recompute_every", 1)
+        if every > 1 and self.optimizer_step is not None:
+            key: tuple = ("every", self.optimizer_step // every, weight.data_ptr())
+        else:
+            key = ("version", self.optimizer_step, weight._version, weight.data_ptr())
+        if self._state is None or self._state_key != key:
+            with torch.no_grad():
+                self._state = self.compressor.compression_state(weight.detach())
+            self._state_key = key
+        return self._state
 
     def compressed_weight(self) -> torch.Tensor:
         """C ``(out, in)``: the weight of g alone (β = 0), without autograd."""
@@ -128,10 +195,14 @@ class VConLinear(nn.Module):
         params = self.compressed_params()
         if self.beta == 1.0:  # f alone
             return _keep_in_graph(self.base_layer(x), list(params.values()) if self.training else [])
-        if self.beta == 0.0 and not self.compressor.straight_through:  # g alone, in its cheaper form
+        if self.compressor.straight_through:  # β·W + (1−β)·C(W), one matmul, gradient straight through to W
+            return _StraightThroughLinear.apply(
+                x, self.latent_weight(), self.bias, self.compression_state(), self.compressor, self.beta
+            )
+        if self.beta == 0.0:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
             output = self.compressor.compressed_forward(x, self.latent_weight(), params, self.bias)
             return _keep_in_graph(output, [self.weight] if self.training else [])
-        return F.linear(x, self.effective_weight(), self.bias)
+        return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.beta)
 
     def merged_weight(self) -> torch.Tensor:
         """C in the base layer's own orientation (Conv1D: ``(in, out)``), ready to replace its weight."""
@@ -139,4 +210,5 @@ class VConLinear(nn.Module):
         return compressed.t().contiguous() if self.is_conv1d else compressed
 
     def extra_repr(self) -> str:
-        return f"method={self.compressor.name}, beta={self.beta:.4g}"
+        released = ", dense path released" if self.dense_released else ""
+        return f"method={self.compressor.name}, beta={self.beta:.4g}{released}"

@@ -183,6 +183,7 @@ def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> fl
     beta = beta_at(step, config.resolve_transition_steps(max_steps), config.start_step, config.schedule)
     for layer in state.layers:
         layer.set_beta(beta)
+        layer.optimizer_step = step
     return beta
 
 
@@ -213,6 +214,84 @@ def compressed_view(model: nn.Module) -> Iterator[nn.Module]:
 def get_beta(model: nn.Module) -> float:
     """The β of the model's VCON layers (they share one unless set one by one)."""
     return require_state(model, "get_beta").layers[0].beta
+
+
+# --------------------------------------------------------------------------------- after the transition
+def _is_distributed(model: nn.Module) -> bool:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+
+
+def release_dense_paths(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                        freeze: Optional[bool] = None) -> list[str]:
+    """Once β = 0, stop training the dense W of layers whose compressed path has tensors of its own (low-rank).
+
+    At β = 0 such a layer already computes only ``B(Ax)``; this drops what W still costs: its gradient and its
+    optimizer state (Adam: two full-size moments). Prune and binary layers are left alone: their dense W *is*
+    the latent weight they train. W itself stays in the model (checkpoints keep their keys and shapes; the
+    merged and compact exports use only the factors). Call it on every rank at the same optimizer step, the
+    first one with β = 0 (a trainer does this from ``on_step_begin``); calling it again is harmless.
+
+    DDP with ``find_unused_parameters=False`` registers the trainable parameters when it wraps the model, so
+    freezing one later would stall its reducer. Under DDP (the model is wrapped, or a process group of more
+    than one rank is initialised) W therefore stays trainable and receives an exact zero gradient (one
+    element is read), and a step pre-hook on ``optimizer`` drops that gradient, so the optimizer never updates
+    W nor rebuilds its state. Elsewhere W is frozen (``requires_grad=False``) and never read again.
+
+    Args:
+        model: a model patched by :func:`apply_vcon`, possibly wrapped (DDP, ``torch.compile``).
+        optimizer: the optimizer (or an accelerate ``AcceleratedOptimizer``); the released weights' state is
+            removed from it. They stay in its parameter groups, so its ``state_dict`` keeps its layout and
+            resuming works.
+        freeze: ``True`` to set ``requires_grad=False`` on W, ``False`` to keep it trainable with zero
+            gradients; by default ``True`` unless running distributed as above.
+
+    Returns:
+        The names of the layers released (empty for methods without a separate dense path).
+
+    Raises:
+        VConError: if the model has no VCON layers, or a layer to release still has β > 0.
+    """
+    if freeze is None:
+        freeze = not _is_distributed(model)
+    state = require_state(model, "release_dense_paths")
+    chosen = [(name, layer) for name, layer in zip(state.targeted_module_names, state.layers)
+              if not layer.compressor.straight_through]
+    blended = [name for name, layer in chosen if layer.beta != 0.0]
+    if blended:
+        raise VConError(
+            f"release_dense_paths needs beta = 0, but {len(blended)} layer(s) still blend the dense path, e.g. "
+            f"{blended[:3]} (beta={get_beta(model)}); call it once the transition is over."
+        )
+    weights = [layer.weight for _, layer in chosen]
+    for _, layer in chosen:
+        layer.dense_released = True
+        layer.weight.grad = None
+        if freeze:
+            layer.weight.requires_grad_(False)
+    if optimizer is not None and weights:
+        _drop_from_optimizer(optimizer, weights)
+    return [name for name, _ in chosen]
+
+
+def _drop_from_optimizer(optimizer, weights: list[torch.Tensor]) -> None:
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):  # accelerate's wrapper
+        inner = inner.optimizer
+    for weight in weights:
+        inner.state.pop(weight, None)
+    released = getattr(inner, "_hf_vcon_released", None)
+    if released is None:
+        released = inner._hf_vcon_released = {}
+
+        def drop_released_grads(opt, args, kwargs):
+            for param in released.values():
+                param.grad = None
+
+        inner.register_step_pre_hook(drop_released_grads)
+    released.update({id(weight): weight for weight in weights})
 
 
 # ------------------------------------------------------------------------------------- merge and unload

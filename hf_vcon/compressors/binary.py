@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CompressionStats, Compressor, packed_bits_bytes, register_compressor
+from .base import CompressionStats, Compressor, check_packed, pack_bits, packed_bits_bytes, register_compressor, unpack_bits
 
 
 @register_compressor("binary")
@@ -16,13 +16,22 @@ class Binarizer(Compressor):
     """sign(W)·α with α = mean|W| over the tensor (``"tensor"``) or over each output row (``"channel"``)."""
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales."""
+        """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales (an L1 norm: no full-size |W| temporary)."""
+        weight = weight.detach()
         if self.config.binary_scale == "channel":
-            return weight.abs().mean(dim=1, keepdim=True)
-        return weight.abs().mean()
+            return torch.linalg.vector_norm(weight, ord=1, dim=1, keepdim=True) / weight.shape[1]
+        return torch.linalg.vector_norm(weight, ord=1) / weight.numel()
+
+    def compression_state(self, weight):
+        return self.scale(weight)
+
+    def blend(self, weight, state, beta):
+        # β·W + (1−β)·α·sign(W) with a single full-size allocation
+        blended = torch.sign(weight).mul_(state * (1.0 - beta))
+        return blended.add_(weight, alpha=beta) if beta else blended
 
     def compressed_weight(self, weight, params):
-        return torch.sign(weight) * self.scale(weight)
+        return self.blend(weight, self.scale(weight), 0.0)
 
     def stats(self, weight, params):
         numel, size = weight.numel(), weight.element_size()
@@ -35,3 +44,29 @@ class Binarizer(Compressor):
             setting=f"1 bit + {scales} scale{'s' if scales > 1 else ''} ({self.config.binary_scale})",
             metrics={"bits": 1.0},
         )
+
+    def _scale_shape(self, out_features: int) -> tuple[int, ...]:
+        return (out_features, 1) if self.config.binary_scale == "channel" else (1,)
+
+    def pack(self, weight, params):
+        weight = weight.detach()
+        packed = {"signs": pack_bits(weight > 0), "scale": self.scale(weight).reshape(self._scale_shape(weight.shape[0]))}
+        zeros = torch.nonzero(weight.reshape(-1) == 0).reshape(-1)
+        if zeros.numel():  # sign(0) = 0 needs a third value: the (rare) exact zeros' flat positions, stored only then
+            packed["zero_positions"] = zeros
+        return packed
+
+    def unpacked_weight(self, tensors, out_features, in_features):
+        numel = out_features * in_features
+        bits = (packed_bits_bytes(numel),)
+        check_packed(self.name, tensors, {"signs": bits, "scale": self._scale_shape(out_features)},
+                     optional=("zero_positions",))
+        scale = tensors["scale"]
+        signs = unpack_bits(tensors["signs"], numel).to(scale.dtype).mul_(2).sub_(1)
+        zeros = tensors.get("zero_positions")
+        if zeros is not None:
+            if zeros.dim() != 1 or zeros.is_floating_point() or (zeros.numel() and not 0 <= int(zeros.min()) <= int(zeros.max()) < numel):
+                raise ValueError(f"binary: 'zero_positions' must be flat indices below {numel}.")
+            signs[zeros] = 0
+        signs = signs.view(out_features, in_features)
+        return signs.mul_(scale if self.config.binary_scale == "channel" else scale.reshape(()))

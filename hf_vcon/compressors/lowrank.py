@@ -2,15 +2,53 @@
 ``(out, r)``.
 
 A and B are trainable parameters of their own, next to the dense W of the original path, so autograd
-differentiates through C; the compressed path alone is computed as two thin matmuls ``B(Ax)``.
+differentiates through C; the compressed path alone is computed as two thin matmuls ``B(Ax)``, and exported as
+a :class:`LowRankLinear` of two Linears.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .base import CompressionStats, Compressor, register_compressor
+from .base import CompressionStats, Compressor, check_packed, register_compressor
+
+
+class LowRankLinear(nn.Module):
+    """``y = B(Ax) + b``: a rank-r Linear stored and computed as its two factors.
+
+    ``A`` is an ``nn.Linear(in_features, rank, bias=False)`` (weight ``(r, in)``), ``B`` an
+    ``nn.Linear(rank, out_features)`` (weight ``(out, r)``, carrying the bias). :func:`hf_vcon.load_compressed`
+    builds these for low-rank layers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(cls, factor_a: torch.Tensor, factor_b: torch.Tensor, bias: Optional[torch.Tensor]) -> "LowRankLinear":
+        """Build from A ``(r, in)``, B ``(out, r)`` and an optional bias ``(out,)`` (copied)."""
+        module = cls(factor_a.shape[1], factor_b.shape[0], factor_a.shape[0], bias=bias is not None,
+                     device=factor_a.device, dtype=factor_a.dtype)
+        with torch.no_grad():
+            module.A.weight.copy_(factor_a)
+            module.B.weight.copy_(factor_b)
+            if bias is not None:
+                module.B.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 @register_compressor("lowrank")
@@ -47,6 +85,16 @@ class LowRankFactorizer(Compressor):
     def compressed_forward(self, x, weight, params, bias):
         return F.linear(F.linear(x, params["A"]), params["B"], bias)
 
+    def blended_forward(self, x, weight, params, bias, beta):
+        out_features, in_features = weight.shape
+        tokens = x.numel() // in_features
+        if out_features * in_features <= tokens * (out_features + in_features):
+            # Weight space: building B·A (out·in·r multiply-adds) is cheaper than B(Ax) (tokens·r·(out+in)).
+            # addmm gives β·W + (1−β)·B·A in one full-size allocation.
+            return F.linear(x, torch.addmm(weight, params["B"], params["A"], beta=beta, alpha=1.0 - beta), bias)
+        # Activation space: few tokens, the two thin matmuls are cheaper than building B·A.
+        return torch.lerp(F.linear(x, weight, bias), self.compressed_forward(x, weight, params, bias), 1.0 - beta)
+
     def stats(self, weight, params):
         out_features, in_features = weight.shape
         rank = params["A"].shape[0]
@@ -59,3 +107,20 @@ class LowRankFactorizer(Compressor):
             setting=f"rank {rank}",
             metrics={"rank": float(rank)},
         )
+
+    def pack(self, weight, params):
+        return {"A": params["A"].detach().clone(), "B": params["B"].detach().clone()}
+
+    def unpacked_weight(self, tensors, out_features, in_features):
+        self._check(tensors, out_features, in_features)
+        return tensors["B"] @ tensors["A"]
+
+    def unpack(self, tensors, layer):
+        rows, cols = layer.weight.shape
+        out_features, in_features = (cols, rows) if type(layer).__name__ == "Conv1D" else (rows, cols)
+        self._check(tensors, out_features, in_features)
+        return LowRankLinear.from_factors(tensors["A"], tensors["B"], layer.bias)
+
+    def _check(self, tensors, out_features, in_features):
+        rank = self.rank_for(out_features, in_features)
+        check_packed(self.name, tensors, {"A": (rank, in_features), "B": (out_features, rank)})

@@ -1,0 +1,298 @@
+"""What VCON costs next to plain fine-tuning, as ratios against the dense baseline measured in the same run.
+
+BERT-base layer shapes (hidden 768, MLP 3072, 12 heads), a batch of 8 × 128 tokens, a full training step
+(forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
+alternates every repeat), so drift in a shared machine's load hits both; the table gives the median ratio over
+``--repeats`` repeats after ``--warmup`` steps, with its spread (min–max). Peak training memory is measured in
+a fresh subprocess per variant (CPU: peak RSS above the RSS before the model is built; CUDA:
+``max_memory_allocated``). Then the inference latency of the exported low-rank model (``save_compressed`` →
+``load_compressed``) against the merged dense model, whole model and targeted layers alone.
+
+    python benchmarks/overhead.py                       # CPU fp32, 2 layers
+    python benchmarks/overhead.py --device cuda --dtype bf16 --layers 12
+
+Every step calls ``hf_vcon.set_step`` as the trainer does: ``transition`` rows use a schedule whose β stays
+strictly between 0 and 1, ``after`` rows Q = 0 (β = 0; low-rank then calls ``release_dense_paths``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+import hf_vcon  # noqa: E402
+from hf_vcon import VConConfig, apply_vcon, release_dense_paths, set_step  # noqa: E402
+
+# name -> (VConConfig kwargs, phase)
+VARIANTS = {
+    "prune transition": (dict(method="prune", sparsity=0.9), "transition"),
+    "prune after": (dict(method="prune", sparsity=0.9), "after"),
+    "binary transition": (dict(method="binary"), "transition"),
+    "binary after": (dict(method="binary"), "after"),
+    "lowrank transition": (dict(method="lowrank", rank_ratio=0.25), "transition"),
+    "lowrank after": (dict(method="lowrank", rank_ratio=0.25), "after"),
+}
+TARGETS = {
+    "prune transition": ("time", "<= 1.10"), "binary transition": ("time", "<= 1.10"),
+    "prune after": ("time", "<= 1.05"), "binary after": ("time", "<= 1.05"),
+    "lowrank transition": ("time", "<= 1.25"), "lowrank after": ("time", "< 1.0"),
+}
+MEMORY_TARGET = "<= 1.10 (prune, binary)"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers (12 in BERT-base)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=30522,
+                        help="30522 as BERT; a small vocabulary leaves the targeted layers a larger share of the step")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, fp32 master weights")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--recompute-every", type=int, nargs="*", default=[10],
+                        help="extra 'prune/binary transition' rows with VConConfig(recompute_every=k)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def build_dense(args) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=args.vocab_size, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                        num_hidden_layers=args.layers, max_position_embeddings=512, num_labels=2)
+    return BertForSequenceClassification(config).to(args.device).train()
+
+
+def make_batch(args) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=generator),
+        "labels": torch.randint(0, 2, (args.batch,), generator=generator),
+    }
+    return {key: value.to(args.device) for key, value in batch.items()}
+
+
+def variant_config(name: str, recompute_every: int = 1) -> tuple[VConConfig, str]:
+    kwargs, phase = VARIANTS[name]
+    transition_steps = 10**9 if phase == "transition" else 0  # β ≈ 1 − t/1e9 ∈ (0, 1) vs β = 0
+    if recompute_every != 1:
+        kwargs = {**kwargs, "recompute_every": recompute_every}
+    return VConConfig(target_modules="all-linear", transition_steps=transition_steps, **kwargs), phase
+
+
+class Runner:
+    """A model, its AdamW optimizer and a step counter; ``step()`` is one timed training step."""
+
+    def __init__(self, args, model, vcon: bool, phase: str = "dense"):
+        self.args, self.model, self.vcon, self.phase = args, model, vcon, phase
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        self.batch = make_batch(args)
+        self.count = 0
+        if vcon:
+            set_step(model, 0)
+            if phase == "after":
+                release_dense_paths(model, self.optimizer)
+
+    def step(self) -> float:
+        sync(self.args)
+        start = time.perf_counter()
+        if self.vcon:
+            set_step(self.model, self.count)
+        with torch.autocast(device_type=self.args.device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=self.args.dtype == "bf16"):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync(self.args)
+        self.count += 1
+        return time.perf_counter() - start
+
+
+def sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def vcon_runner(args, dense_model, name: str, recompute_every: int = 1, in_place: bool = False) -> Runner:
+    config, phase = variant_config(name, recompute_every)
+    model = apply_vcon(dense_model if in_place else copy.deepcopy(dense_model), config)
+    return Runner(args, model, vcon=True, phase=phase)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def time_pair(args, dense: Runner, other: Runner) -> dict:
+    for _ in range(args.warmup):
+        dense.step()
+        other.step()
+    ratios, dense_times, other_times = [], [], []
+    for repeat in range(args.repeats):
+        if repeat % 2:
+            t_other, t_dense = other.step(), dense.step()
+        else:
+            t_dense, t_other = dense.step(), other.step()
+        ratios.append(t_other / t_dense)
+        dense_times.append(t_dense)
+        other_times.append(t_other)
+    return {
+        "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+        "dense_s": statistics.median(dense_times), "vcon_s": statistics.median(other_times),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(args) -> None:
+    """Run in a fresh process: peak memory of 3 training steps of one variant (or 'dense')."""
+    torch.set_num_threads(args.threads)
+    name, _, every = args.memory_child.partition("@")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    dense = build_dense(args)
+    if name == "dense":
+        runner = Runner(args, dense, vcon=False)
+    else:
+        runner = vcon_runner(args, dense, name, int(every or 1), in_place=True)
+    for _ in range(3):
+        runner.step()
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak - base}))
+
+
+def measure_memory(args, name: str) -> int:
+    command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--layers", str(args.layers),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
+               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+# --------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def time_inference(args, dense_model) -> dict:
+    """Exported low-rank model (rank_ratio 0.25, loaded with load_compressed) vs the merged dense model."""
+    model = apply_vcon(copy.deepcopy(dense_model), VConConfig(method="lowrank", rank_ratio=0.25, transition_steps=0))
+    names = list(model.vcon_state.targeted_module_names)
+    with tempfile.TemporaryDirectory() as folder:
+        hf_vcon.save_compressed(model, folder)
+        compact = hf_vcon.load_compressed(folder).to(args.device).eval()
+    merged = hf_vcon.merge_and_unload(model).to(args.device).eval()
+    batch = {"input_ids": make_batch(args)["input_ids"]}
+
+    def timed(fn) -> float:
+        sync(args)
+        start = time.perf_counter()
+        with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            fn()
+        sync(args)
+        return time.perf_counter() - start
+
+    def interleaved(fn_dense, fn_compact) -> tuple[float, float]:
+        for _ in range(args.warmup):
+            fn_dense(), fn_compact()
+        dense_t, compact_t = [], []
+        for repeat in range(args.repeats):
+            pair = (timed(fn_dense), timed(fn_compact)) if repeat % 2 == 0 else tuple(reversed((timed(fn_compact), timed(fn_dense))))
+            dense_t.append(pair[0])
+            compact_t.append(pair[1])
+        return statistics.median(dense_t), statistics.median(compact_t)
+
+    model_dense, model_compact = interleaved(lambda: merged(**batch), lambda: compact(**batch))
+    layers_dense = layers_compact = 0.0
+    for name in names:
+        dense_layer, compact_layer = merged.get_submodule(name), compact.get_submodule(name)
+        x = torch.randn(args.batch, args.seq, dense_layer.in_features, device=args.device)
+        d, c = interleaved(lambda: dense_layer(x), lambda: compact_layer(x))
+        layers_dense += d
+        layers_compact += c
+    return {"model": model_compact / model_dense, "layers": layers_compact / layers_dense,
+            "layers_dense_s": layers_dense, "layers_compact_s": layers_compact}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def machine(args) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({args.dtype})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, torch.set_num_threads({args.threads}), {args.dtype}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"# hf_vcon overhead: BERT-base shapes, {args.layers} layer(s), vocab {args.vocab_size}, batch "
+          f"{args.batch}x{args.seq}, torch {torch.__version__}, {machine(args)}")
+    print(f"# medians of {args.repeats} interleaved repeats after {args.warmup} warm-up steps\n")
+
+    dense_model = build_dense(args)
+    dense = Runner(args, dense_model, vcon=False)
+    rows = [(name, 1) for name in args.variants]
+    rows += [(name, k) for k in args.recompute_every if k != 1 for name in args.variants
+             if name in ("prune transition", "binary transition")]
+    memory = {}
+    if not args.no_memory:
+        memory["dense"] = measure_memory(args, "dense")
+    print("| variant | step / dense (median) | spread (min–max) | dense step s | VCON step s | peak memory / dense | target (time) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, every in rows:
+        runner = vcon_runner(args, dense_model, name, every)
+        result = time_pair(args, dense, runner)
+        del runner
+        label = name if every == 1 else f"{name}, recompute_every={every}"
+        mem = "–"
+        if not args.no_memory and every == 1:
+            mem = f"{measure_memory(args, name) / memory['dense']:.3f}"
+        target = TARGETS[name][1] if every == 1 else "(option)"
+        print(f"| {label} | {result['ratio']:.3f} | {result['min']:.3f}–{result['max']:.3f} | {result['dense_s']:.3f} | "
+              f"{result['vcon_s']:.3f} | {mem} | {target} |", flush=True)
+    if memory:
+        print(f"\ndense peak training memory: {memory['dense'] / 2**20:.0f} MiB; memory target {MEMORY_TARGET}")
+    if not args.no_inference:
+        result = time_inference(args, dense_model)
+        print(f"\nexported lowrank (rank_ratio 0.25) inference latency / merged dense: targeted layers "
+              f"{result['layers']:.3f} (target <= 0.7; {result['layers_compact_s'] * 1e3:.1f} ms vs "
+              f"{result['layers_dense_s'] * 1e3:.1f} ms), whole model {result['model']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Checkpoint sizes: compact (``hf_vcon.save_compressed``) against fp32, per method, on BERT-base shapes.
+
+For the targeted layers, the bytes of their stored tensors in the compact file (read from the safetensors
+header) against their weights in fp32; for the whole model, the compact folder against ``save_pretrained`` of
+the merged dense model. The low-rank bound is r(m+n)/(mn) summed over the targeted layers.
+
+    python benchmarks/size.py --layers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safetensors import safe_open  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from hf_vcon import VConConfig, apply_vcon, get_vcon_state, save_compressed  # noqa: E402
+from hf_vcon.compact import COMPACT_WEIGHTS_NAME, PACKED_INFIX  # noqa: E402
+
+SETTINGS = {
+    "binary (tensor scale)": dict(method="binary"),
+    "binary (channel scales)": dict(method="binary", binary_scale="channel"),
+    "lowrank (rank_ratio 0.25)": dict(method="lowrank", rank_ratio=0.25),
+    "prune (sparsity 0.9)": dict(method="prune", sparsity=0.9),
+    "prune (2:4)": dict(method="prune", prune_pattern="2:4"),
+}
+TARGETS = {"binary (tensor scale)": "<= 1/28 = 0.0357", "binary (channel scales)": "<= 1/28 = 0.0357"}
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
+
+
+def packed_bytes(folder: str) -> int:
+    with safe_open(os.path.join(folder, COMPACT_WEIGHTS_NAME), framework="pt") as handle:
+        return sum(_nbytes(handle, key) for key in handle.keys() if PACKED_INFIX in key)
+
+
+def _nbytes(handle, key: str) -> int:
+    tensor_slice = handle.get_slice(key)
+    numel = 1
+    for size in tensor_slice.get_shape():
+        numel *= size
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8, "BOOL": 1}[tensor_slice.get_dtype()]
+    return numel * itemsize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=args.layers)
+    dense = BertForSequenceClassification(config)
+    with tempfile.TemporaryDirectory() as folder:
+        dense.save_pretrained(folder)
+        dense_total = folder_bytes(folder)
+    print(f"# BERT-base shapes, {args.layers} layers, all-linear targets; dense fp32 save_pretrained: "
+          f"{dense_total / 2**20:.1f} MiB\n")
+    print("| setting | targeted fp32 | targeted compact | compact / fp32 | bound / target | whole folder | folder / dense |")
+    print("|---|---|---|---|---|---|---|")
+    for label, kwargs in SETTINGS.items():
+        model = apply_vcon(copy.deepcopy(dense), VConConfig(**kwargs))  # same weights for every method
+        layers = get_vcon_state(model).layers
+        fp32 = sum(4 * layer.weight.numel() for layer in layers)
+        bound = TARGETS.get(label, "")
+        if kwargs["method"] == "lowrank":
+            ranks = [layer.vcon_A.shape[0] for layer in layers]
+            exact = sum(r * (l.in_features + l.out_features) for r, l in zip(ranks, layers)) / sum(
+                l.in_features * l.out_features for l in layers)
+            bound = f"r(m+n)/(mn) = {exact:.4f}; target <= {exact + 0.01:.4f}"
+        with tempfile.TemporaryDirectory() as folder:
+            save_compressed(model, folder)
+            packed, total = packed_bytes(folder), folder_bytes(folder)
+        print(f"| {label} | {fp32 / 2**20:.1f} MiB | {packed / 2**20:.2f} MiB | {packed / fp32:.4f} | {bound} | "
+              f"{total / 2**20:.1f} MiB | {total / dense_total:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

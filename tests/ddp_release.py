@@ -1,0 +1,64 @@
+"""Run by test_perf.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): VCON through the β = 0 switch with
+``find_unused_parameters=False``, calling release_dense_paths at the first step with β = 0, as a trainer would."""
+
+from __future__ import annotations
+
+import os
+
+# VCON_DDP_FREEZE=1 forces freeze=True: the control run that shows why release_dense_paths does not freeze under DDP
+FREEZE = {"freeze": True} if os.environ.get("VCON_DDP_FREEZE") == "1" else {}
+
+
+def run(method: str, setting: dict, rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import tiny_bert, tiny_inputs
+    from hf_vcon import VConConfig, apply_vcon, get_vcon_state, release_dense_paths, set_step
+
+    torch.manual_seed(0)
+    model = apply_vcon(tiny_bert().train(), VConConfig(method=method, transition_steps=2, **setting))
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.1)
+    frozen = {}
+    for step in range(6):
+        beta = set_step(ddp, step)
+        if beta == 0.0 and not frozen:
+            released = release_dense_paths(ddp, optimizer, **FREEZE)
+            layers = dict(zip(get_vcon_state(model).targeted_module_names, get_vcon_state(model).layers))
+            frozen = {name: layers[name].weight.detach().clone() for name in released} or {"none": None}
+        inputs = tiny_inputs("bert", seed=100 * rank + step)  # different data on each rank
+        labels = torch.tensor([0, 1])
+        ddp(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise SystemExit(f"{method}: parameters differ between ranks")
+    layers = dict(zip(get_vcon_state(model).targeted_module_names, get_vcon_state(model).layers))
+    for name, snapshot in frozen.items():
+        if snapshot is None:
+            continue
+        weight = layers[name].weight
+        if not torch.equal(weight, snapshot) or weight in optimizer.state:
+            raise SystemExit(f"{method}: released dense weight {name} changed or kept optimizer state")
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for method, setting in [("lowrank", {"rank": 3}), ("prune", {"sparsity": 0.5}), ("binary", {})]:
+        run(method, setting, rank, world)
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"DDP OK rank {rank} pid {os.getpid()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The fast paths: selection-based masks, the per-step cache, no full-size temporaries kept for backward,
+the low-rank blend forms, and "only the compressed path is computed once β = 0" (release_dense_paths)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import build, tiny_inputs, vcon_config
+from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_dense_paths, set_beta, set_step
+from hf_vcon.compressors.prune import _keep_largest
+from reference import _keep_largest_rows
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _layer(method: str, setting: dict, out_features=12, in_features=16, **overrides) -> VConLinear:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    apply_vcon(model, vcon_config(method, setting, target_modules=["0"], **overrides))
+    return model[0].train()
+
+
+# -------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("shape, keep", [((1, 60), 17), ((5, 24), 7), ((6, 4, 4), 2), ((3, 10), 10), ((3, 10), 0)])
+def test_selection_mask_keeps_exact_count_and_breaks_ties_by_position(shape, keep):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # few distinct values: ties straddle the cut
+        scores = torch.randint(0, 4, shape, generator=generator).float()
+        expected = _keep_largest_rows(scores.numpy(), keep)
+        assert np.array_equal(_keep_largest(scores, keep).numpy(), expected)
+
+
+# -------------------------------------------------------------------------------------------- cache
+def _count_state_calls(layer: VConLinear) -> list[int]:
+    calls = [0]
+    original = layer.compressor.compression_state
+
+    def counting(weight):
+        calls[0] += 1
+        return original(weight)
+
+    layer.compressor.compression_state = counting
+    return calls
+
+
+@pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.5}), ("binary", {})])
+def test_state_is_computed_once_per_optimizer_step(method, setting):
+    layer = _layer(method, setting)
+    layer.set_beta(0.5)
+    calls = _count_state_calls(layer)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(3):
+        for _ in range(4):  # micro-batches of one accumulation window
+            layer(torch.randn(3, 16)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert calls[0] == step + 1
+    layer.optimizer_step = 7  # a new step from set_step refreshes it even if W's version did not move
+    layer(torch.randn(3, 16))
+    assert calls[0] == 4
+
+
+def test_recompute_every_k_steps():
+    model = nn.Sequential(nn.Linear(16, 12))
+    apply_vcon(model, vcon_config("prune", {"sparsity": 0.5}, target_modules=["0"], recompute_every=3,
+                                  transition_steps=100))
+    layer = model[0].train()
+    calls = _count_state_calls(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(7):
+        set_step(model, step)
+        model(torch.randn(3, 16)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert calls[0] == 3  # steps 0, 3, 6
+
+
+def test_recompute_every_is_validated():
+    with pytest.raises(ValueError, match="recompute_every"):
+        vcon_config("prune", {}, recompute_every=0)
+    with pytest.raises(ValueError, match="recompute_every"):
+        vcon_config("lowrank", {"rank": 2}, recompute_every=5)
+
+
+# -------------------------------------------------------------------- nothing full-size kept for backward
+@pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.5}), ("binary", {"binary_scale": "channel"})])
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_no_effective_weight_is_saved_for_backward(method, setting, beta):
+    layer = _layer(method, setting, out_features=24, in_features=20)
+    layer.set_beta(beta)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output = layer(torch.randn(5, 20))
+    full_size = [t for t in saved if t.is_floating_point() and t.numel() == layer.weight.numel()]
+    weight_storage = layer.weight.untyped_storage().data_ptr()
+    assert full_size and all(t.untyped_storage().data_ptr() == weight_storage for t in full_size)
+    output.sum().backward()
+    assert layer.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------- low-rank blend forms
+@pytest.mark.parametrize("tokens", [4, 400], ids=["activation-space", "weight-space"])
+def test_lowrank_blend_forms_match_the_two_path_reference(tokens):
+    layer = _layer("lowrank", {"rank": 3})
+    layer.set_beta(0.3)
+    x = torch.randn(tokens, 16)
+    upstream = torch.randn(tokens, 12)
+    (layer(x) * upstream).sum().backward()
+    w, a, b, bias = (t.detach().clone().requires_grad_(True) for t in (layer.weight, layer.vcon_A, layer.vcon_B, layer.bias))
+    reference = 0.3 * F.linear(x, w, bias) + 0.7 * F.linear(F.linear(x, a), b, bias)
+    (reference * upstream).sum().backward()
+    for ours, theirs in [(layer.weight, w), (layer.vcon_A, a), (layer.vcon_B, b), (layer.bias, bias)]:
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------- only the compressed path once β = 0
+class _RecordOps(TorchDispatchMode):
+    """Record every aten op and whether any of its tensor arguments shares storage with ``watched``."""
+
+    def __init__(self, watched: torch.Tensor):
+        super().__init__()
+        self.storage = watched.untyped_storage().data_ptr()
+        self.reads, self.matmul_shapes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(t.untyped_storage().data_ptr() == self.storage for t in tensors if t.device.type != "meta"):
+            self.reads.append(str(func))
+        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul"):
+            self.matmul_shapes.append([tuple(t.shape) for t in tensors])
+        return func(*args, **(kwargs or {}))
+
+
+def test_lowrank_after_release_computes_only_the_factors():
+    model = apply_vcon(build("bert").train(), vcon_config("lowrank", {"rank": 3}, transition_steps=0))
+    set_step(model, 0)
+    layer = get_vcon_state(model).layers[0]
+    dense_shape = tuple(layer.weight.shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    model(**tiny_inputs("bert")).logits.sum().backward()  # β = 0 but not released: W gets an exact zero gradient
+    assert torch.count_nonzero(layer.weight.grad) == 0
+    optimizer.step()
+    assert layer.weight in optimizer.state
+    optimizer.zero_grad()
+
+    released = release_dense_paths(model, optimizer)
+    assert released == get_vcon_state(model).targeted_module_names
+    assert layer.weight not in optimizer.state and not layer.weight.requires_grad
+    before = layer.weight.detach().clone()
+    with _RecordOps(layer.weight) as recorder:
+        model(**tiny_inputs("bert")).logits.sum().backward()
+    assert recorder.reads == []  # W is not read, forward or backward
+    assert all(dense_shape not in shapes for shapes in recorder.matmul_shapes)
+    assert layer.weight.grad is None and layer.vcon_A.grad is not None
+    optimizer.step()
+    assert torch.equal(layer.weight, before) and layer.weight not in optimizer.state
+
+
+def test_release_keeping_w_trainable_as_under_ddp():
+    model = apply_vcon(build("bert").train(), vcon_config("lowrank", {"rank": 3}, transition_steps=0))
+    set_step(model, 0)
+    layer = get_vcon_state(model).layers[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    release_dense_paths(model, optimizer, freeze=False)
+    before = layer.weight.detach().clone()
+    for _ in range(2):
+        model(**tiny_inputs("bert")).logits.sum().backward()
+        assert layer.weight.requires_grad and torch.count_nonzero(layer.weight.grad) == 0
+        optimizer.step()  # the pre-hook drops W's gradient: no state, no weight decay
+        optimizer.zero_grad()
+    assert torch.equal(layer.weight, before) and layer.weight not in optimizer.state
+
+
+def test_release_needs_beta_zero_and_then_pins_it():
+    model = apply_vcon(build("bert"), vcon_config("lowrank", {"rank": 3}))
+    set_beta(model, 0.2)
+    with pytest.raises(VConError, match="beta = 0"):
+        release_dense_paths(model)
+    set_beta(model, 0.0)
+    release_dense_paths(model)
+    with pytest.raises(VConError, match="release_dense_paths"):
+        set_beta(model, 0.5)
+    assert release_dense_paths(apply_vcon(build("bert"), vcon_config("binary", {}))) == []  # no separate dense path
+
+
+def _torchrun_ddp_release(freeze: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]), "OMP_NUM_THREADS": "1",
+           "VCON_DDP_FREEZE": "1" if freeze else "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(HERE, "ddp_release.py")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_ddp_release_with_find_unused_parameters_false():
+    """Two gloo ranks through the β = 0 switch, release_dense_paths included, without find_unused_parameters."""
+    result = _torchrun_ddp_release(freeze=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("DDP OK") == 2, result.stdout
+
+
+@pytest.mark.slow
+def test_ddp_control_freezing_after_wrapping_breaks_the_reducer():
+    """Why release_dense_paths keeps W trainable under DDP: freezing it after wrapping stalls the reducer."""
+    result = _torchrun_ddp_release(freeze=True)
+    assert result.returncode != 0
+    assert "Expected to have finished reduction" in result.stdout + result.stderr
