@@ -22,7 +22,7 @@ from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading
 from .errors import VConError, VConWarning
 from .export import model_card, save_merged, summary_from_state_dict
 from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, set_step, unwrap_model
-from .summary import VConSummary, vcon_summary
+from .summary import LayerSummary, VConSummary, vcon_summary
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -75,7 +75,20 @@ class VConCallback(TrainerCallback):
         it never reads a shard, and no rank has to join a gather when logging. Weights that ZeRO-3 partitioned at
         load time are gathered for it.
         """
-        tensors = [tensor for layer in get_vcon_state(model).layers for tensor in layer.parameters()]
+        state = get_vcon_state(model)
+        tensors = [tensor for layer in state.layers for tensor in layer.parameters()]
+        if any(tensor.is_meta for tensor in tensors):
+            # A rank that loaded no weights (FSDP cpu_ram_efficient_loading: rank 0 broadcasts them when sharding). Its
+            # logs are never reported; placeholders of the right shapes, one layer at a time, keep it from failing.
+            def placeholder(tensor: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
+            layers = tuple(
+                LayerSummary(name=name, shape=(layer.out_features, layer.in_features), stats=layer.compressor.stats(
+                    placeholder(layer.latent_weight()), {key: placeholder(value) for key, value in layer.compressed_params().items()}))
+                for name, layer in zip(state.targeted_module_names, state.layers)
+            )
+            return VConSummary(method=state.config.method, beta=state.layers[0].beta, layers=layers)
         with gathered_for_reading(tensors):
             return vcon_summary(model)
 

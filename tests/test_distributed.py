@@ -247,3 +247,19 @@ def test_raw_fsdp_on_gpu(tmp_path):
             assert sorted({step for step, *_ in result["forwards"]}) == list(range(worker.MAX_STEPS))
             assert os.path.isfile(os.path.join(output, f"{method}-fsdp{version}", "model.safetensors"))
 
+
+
+@pytest.mark.parametrize("method, setting", [("prune", dict(sparsity=0.5)), ("lowrank", dict(rank=4)), ("binary", {})])
+def test_rank_without_weights_can_attach(method, setting):
+    """Under FSDP cpu_ram_efficient_loading, ranks other than 0 hold the model on the meta device until sharding."""
+    from hf_vcon import VConCallback
+
+    with torch.device("meta"):
+        model = worker.tiny_bert()
+    callback = VConCallback(VConConfig(method=method, **setting))
+    callback.attach(model)
+    with torch.device("cpu"):
+        expected = VConCallback(VConConfig(method=method, **setting))
+        expected.attach(worker.tiny_bert())
+    assert callback.summary.metrics() == expected.summary.metrics()
+    assert callback.summary.size_ratio == expected.summary.size_ratio
