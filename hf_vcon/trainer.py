@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .checkpoint import verify_checkpoint
@@ -64,6 +65,8 @@ class VConCallback(TrainerCallback):
             )
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
+        if is_deepspeed_zero3_enabled():
+            prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
         return inner
 
@@ -183,14 +186,9 @@ class VConTrainer(Trainer):
         return self.vcon_callback.vcon_config
 
     def _prepare_distribution(self) -> None:
-        """Refuse FSDP settings VCON cannot train under; make ZeRO-3 gather each VCON layer as a whole."""
+        """Refuse FSDP settings VCON cannot train under (ZeRO-3 is prepared in ``VConCallback.attach``)."""
         if getattr(self, "is_fsdp_enabled", False):
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
-        if getattr(self, "is_deepspeed_enabled", False):
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                prepare_zero3(self.model)  # before deepspeed.initialize, which happens in train()
 
     def _keep_checkpoints_off_the_hub(self) -> None:
         strategy = getattr(self.args, "hub_strategy", "end")
