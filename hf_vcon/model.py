@@ -15,6 +15,7 @@ from torch import nn
 
 from .compressors import get_compressor
 from .config import VConConfig
+from .distributed import gathered_for_reading
 from .errors import NoTargetModulesError, VConError, VConWarning
 from .layers import VConLinear
 from .schedules import beta_at
@@ -143,8 +144,14 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
         compressor.check_layer(name, out_features, in_features)
     _warn_skipped_experts(model, config)
 
-    # Build every wrapper before replacing any, so an error while building leaves the model untouched.
-    layers = [VConLinear(model.get_submodule(name), compressor) for name in names]
+    # Build every wrapper before replacing any, so an error while building leaves the model untouched. A weight that
+    # ZeRO-3 already partitioned is gathered first: the compressed path's tensors (low-rank factors) are built from
+    # the full weight, never from a shard.
+    layers = []
+    for name in names:
+        module = model.get_submodule(name)
+        with gathered_for_reading([module.weight]):
+            layers.append(VConLinear(module, compressor))
     for name, layer in zip(names, layers):
         _replace_module(model, name, layer)
     setattr(model, STATE_ATTRIBUTE, VConState(config=config, targeted_module_names=names, layers=layers))

@@ -14,14 +14,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .checkpoint import verify_checkpoint
 from .config import VConConfig
+from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
 from .export import model_card, save_merged, summary_from_state_dict
 from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, set_step, unwrap_model
-from .summary import VConSummary
+from .summary import LayerSummary, VConSummary, vcon_summary
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -63,7 +65,35 @@ class VConCallback(TrainerCallback):
             )
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
+        if is_deepspeed_zero3_enabled():
+            prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
+        self.summary = self._summary_from_full_weights(inner)
         return inner
+
+    @staticmethod
+    def _summary_from_full_weights(model: nn.Module) -> VConSummary:
+        """The compression's summary, taken before the Trainer shards the model (FSDP, ZeRO-3) for training.
+
+        It describes the compression's shape (kept weights, bits, rank), which training does not change; taken here
+        it never reads a shard, and no rank has to join a gather when logging. Weights that ZeRO-3 partitioned at
+        load time are gathered for it.
+        """
+        state = get_vcon_state(model)
+        tensors = [tensor for layer in state.layers for tensor in layer.parameters()]
+        if any(tensor.is_meta for tensor in tensors):
+            # A rank that loaded no weights (FSDP cpu_ram_efficient_loading: rank 0 broadcasts them when sharding). Its
+            # logs are never reported; placeholders of the right shapes, one layer at a time, keep it from failing.
+            def placeholder(tensor: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
+            layers = tuple(
+                LayerSummary(name=name, shape=(layer.out_features, layer.in_features), stats=layer.compressor.stats(
+                    placeholder(layer.latent_weight()), {key: placeholder(value) for key, value in layer.compressed_params().items()}))
+                for name, layer in zip(state.targeted_module_names, state.layers)
+            )
+            return VConSummary(method=state.config.method, beta=state.layers[0].beta, layers=layers)
+        with gathered_for_reading(tensors):
+            return vcon_summary(model)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and self.model is None:
@@ -75,9 +105,9 @@ class VConCallback(TrainerCallback):
                 "VConCallback was added after the Trainer was built, too late to patch the model before its optimizer "
                 "exists. Pass it as Trainer(..., callbacks=[VConCallback(config)]) or call apply_vcon(model, config) first."
             )
-        if model is not None:
+        if model is not None and unwrap_model(model) is not self.model:
             self.model = unwrap_model(model)
-        self.summary = None
+            self.summary = None
         self._last_step = None
         self.update(state.global_step, state.max_steps)
 
@@ -144,7 +174,9 @@ class VConTrainer(Trainer):
         self.vcon_callback = VConCallback(vcon_config)
         self.vcon_callback.attach(model)
         self.evaluate_compressed = evaluate_compressed
+        self._sharding_checked = False
         super().__init__(*args, **kwargs)
+        self._prepare_distribution()
         # First in line, so the vcon/* values it adds to the logs reach every reporting callback.
         self.callback_handler.callbacks.insert(0, self.vcon_callback)
         self._keep_checkpoints_off_the_hub()
@@ -152,6 +184,11 @@ class VConTrainer(Trainer):
     @property
     def vcon_config(self) -> VConConfig:
         return self.vcon_callback.vcon_config
+
+    def _prepare_distribution(self) -> None:
+        """Refuse FSDP settings VCON cannot train under (ZeRO-3 is prepared in ``VConCallback.attach``)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
 
     def _keep_checkpoints_off_the_hub(self) -> None:
         strategy = getattr(self.args, "hub_strategy", "end")
@@ -175,6 +212,9 @@ class VConTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._sharding_checked:  # `model` is the wrapped one: DDP, FSDP, DeepSpeed engine
+            check_sharding(model)
+            self._sharding_checked = True
         self.vcon_callback.update(self.state.global_step, self.state.max_steps)
         return super().training_step(model, inputs, *args, **kwargs)
 
@@ -206,7 +246,14 @@ class VConTrainer(Trainer):
         if getattr(self, "is_fsdp_enabled", False):
             return self.accelerator.get_state_dict(self.model)
         if getattr(self, "is_deepspeed_enabled", False):
-            return self.accelerator.get_state_dict(self.deepspeed)
+            try:
+                return self.accelerator.get_state_dict(self.deepspeed)
+            except ValueError as error:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+                raise VConError(
+                    f"The merged VCON model is built from the full weights, which DeepSpeed did not gather ({error}). Set "
+                    "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config (accelerate: "
+                    "zero3_save_16bit_model: true)."
+                ) from error
         return None
 
     def _save_merged(self, output_dir: str) -> None:
@@ -236,7 +283,7 @@ class VConTrainer(Trainer):
         return {}
 
     def _write_model_card(self, output_dir: str, model_name: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
-        summary = getattr(self, "vcon_summary", None) or summary_from_state_dict(self.model)
+        summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or summary_from_state_dict(self.model)
         max_steps = self.state.max_steps or None
         transition = self.vcon_config.resolve_transition_steps(max_steps) if (
             isinstance(self.vcon_config.transition_steps, int) or max_steps) else None
