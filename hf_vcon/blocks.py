@@ -310,6 +310,8 @@ def set_block_step(state: VConState, step: int, transition_steps: int) -> float:
         else:
             beta = beta_at(step, transition_steps, config.start_step, config.schedule)
         block.set_beta(beta)
+    for layer in state.layers:  # g's layers know the optimizer step as layer-wise ones do (β stays 0)
+        layer.optimizer_step = step
     return mean_beta(state)
 
 
