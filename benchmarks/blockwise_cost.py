@@ -11,9 +11,9 @@ backward, AdamW step, zero_grad) in these variants, for each method given:
 - ``block after``: block-wise at β = 0 (g only; f is still held and gets zero gradients).
 
 Each repeat times every variant once, in a rotating order, so drift in a shared machine's load hits all of them;
-a variant's ratios to ``dense`` and to the layer-wise variant of the same phase are computed within each repeat and the table gives the median ratio over the
-repeats (with min–max) and the median milliseconds per step. Also the trainable parameters, which set the
-optimizer state (AdamW keeps two moments per trainable number).
+a variant's ratios to ``dense`` and to the layer-wise variant of the same phase are computed within each repeat,
+and the table gives the median ratios over the repeats (min–max for ``dense``) and the median ms per step. Also
+the trainable parameters, which set the optimizer state (AdamW keeps two moments per trainable number).
 
     python benchmarks/blockwise_cost.py                      # CPU fp32, prune and lowrank
     python benchmarks/blockwise_cost.py --methods binary --layers 2 --repeats 5
@@ -60,17 +60,17 @@ def variants(args, method: str) -> dict[str, torch.nn.Module]:
         layer = apply_vcon(copy.deepcopy(base), VConConfig(method=method, **setting))
         set_beta(layer, beta)
         models[f"layer {phase}"] = layer
-    block = apply_vcon(copy.deepcopy(base), VConConfig(method=method, granularity="block", target_blocks=BLOCKS, **setting))
+    block_wise = dict(method=method, granularity="block", target_blocks=BLOCKS, **setting)
+    block = apply_vcon(copy.deepcopy(base), VConConfig(**block_wise))
     set_beta(block, 0.5)
     models["block transition"] = block
     count = args.layers
-    staggered = apply_vcon(copy.deepcopy(base), VConConfig(method=method, granularity="block", target_blocks=BLOCKS,
-                                                           stagger=True, transition_steps=2 * count, **setting))
+    staggered = apply_vcon(copy.deepcopy(base), VConConfig(**block_wise, stagger=True, transition_steps=2 * count))
     set_step(staggered, 3)  # windows of 2 steps: block 0 done, block 1 half-way, the rest not started
     betas = list(get_block_betas(staggered).values())
     assert betas[:2] == [0.0, 0.5] and all(b == 1.0 for b in betas[2:]), betas
     models["block staggered"] = staggered
-    after = apply_vcon(copy.deepcopy(base), VConConfig(method=method, granularity="block", target_blocks=BLOCKS, **setting))
+    after = apply_vcon(copy.deepcopy(base), VConConfig(**block_wise))
     set_beta(after, 0.0)
     models["block after"] = after
     return models
@@ -87,7 +87,11 @@ def step_fn(model: torch.nn.Module, inputs: dict):
     return step
 
 
-LAYER_WISE_OF = {"block transition": "layer transition", "block staggered": "layer transition", "block after": "layer after"}
+LAYER_WISE_OF = {
+    "block transition": "layer transition",
+    "block staggered": "layer transition",
+    "block after": "layer after",
+}
 
 
 def measure(args, method: str) -> list[tuple]:
@@ -116,8 +120,8 @@ def measure(args, method: str) -> list[tuple]:
         versus = LAYER_WISE_OF.get(name)
         layer_ratio = statistics.median(t / l for t, l in zip(times[name], times[versus])) if versus else None
         trainable = sum(p.numel() for p in models[name].parameters() if p.requires_grad)
-        rows.append((name, statistics.median(times[name]) * 1e3, statistics.median(ratios), min(ratios), max(ratios),
-                     layer_ratio, trainable))
+        median_ms = statistics.median(times[name]) * 1e3
+        rows.append((name, median_ms, statistics.median(ratios), min(ratios), max(ratios), layer_ratio, trainable))
     return rows
 
 
@@ -137,9 +141,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.layers < 2:
         parser.error("--layers must be >= 2 for the staggered variant")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, fp32, "
-          f"median of {args.repeats} repeats x {args.steps} steps\n")
+    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; BERT hidden {args.hidden}, "
+          f"{args.layers} layers, batch {args.batch} x {args.seq} tokens, fp32, median of {args.repeats} repeats x {args.steps} steps\n")
     for method in args.methods:
         rows = measure(args, method)
         dense_params = rows[0][-1]

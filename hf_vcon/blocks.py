@@ -112,8 +112,9 @@ class VConBlock(nn.Module):
         for cache in _caches(args, kwargs):
             if cache.get_seq_length(self.cache_layer_idx) > 0:
                 raise VConError(
-                    f"Block-wise VCON cannot continue from a filled KV cache while 0 < beta < 1 (beta={self.beta:.4g}): "
-                    "the compressed copy g has no cache of its own. Generate at beta 1 or 0, or with use_cache=False."
+                    "Block-wise VCON cannot continue from a filled KV cache while 0 < beta < 1 "
+                    f"(beta={self.beta:.4g}): the compressed copy g has no cache of its own. Generate at beta 1 or 0, "
+                    "or with use_cache=False."
                 )
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from hf_vcon import (
     VConError,
     VConLinear,
     apply_vcon,
+    beta_at,
     get_beta,
     get_block_betas,
     get_vcon_state,
@@ -235,7 +236,8 @@ def test_after_training_merge_is_still_the_beta_zero_model(method, setting, tmp_
     merged = merge_and_unload(model)
 
     assert not any(isinstance(m, (VConBlock, VConLinear)) for m in merged.modules())
-    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    shapes = {key: value.shape for key, value in original.state_dict().items()}
+    assert {key: value.shape for key, value in merged.state_dict().items()} == shapes
     assert all(p.requires_grad for p in merged.parameters())
     for name in names:
         _assert_compressed(as_linear_weight(merged.get_submodule(name)).detach(), config)
@@ -280,8 +282,9 @@ def window_beta(step: int, index: int, count: int, q: int, start: int) -> float:
 @pytest.mark.parametrize("order", [None, ["bert.encoder.layer.2", "bert.encoder.layer.0", "bert.encoder.layer.1"]])
 @pytest.mark.parametrize("q, start", [(10, 0), (7, 3), (2, 1), (0, 2)])
 def test_staggered_windows_give_each_block_its_beta_at_every_step(order, q, start):
-    model = apply_vcon(three_layer_bert(), VConConfig(method="binary", granularity="block", target_blocks=BLOCKS["bert"],
-                                                      transition_steps=q, start_step=start, stagger=True, block_order=order))
+    config = VConConfig(method="binary", granularity="block", target_blocks=BLOCKS["bert"], transition_steps=q,
+                        start_step=start, stagger=True, block_order=order)
+    model = apply_vcon(three_layer_bert(), config)
     handover = order or [f"bert.encoder.layer.{i}" for i in range(3)]
     assert list(get_block_betas(model)) == handover
     for step in range(start + q + 3):
@@ -297,12 +300,11 @@ def test_staggered_windows_give_each_block_its_beta_at_every_step(order, q, star
 
 
 def test_without_stagger_every_block_has_the_schedule_beta_and_fractions_resolve():
-    model = apply_vcon(three_layer_bert(), VConConfig(method="binary", granularity="block", target_blocks=BLOCKS["bert"],
-                                                      transition_steps=0.5, schedule="cosine"))
+    config = VConConfig(method="binary", granularity="block", target_blocks=BLOCKS["bert"], transition_steps=0.5,
+                        schedule="cosine")
+    model = apply_vcon(three_layer_bert(), config)
     for step in range(12):
         set_step(model, step, max_steps=20)
-        from hf_vcon import beta_at
-
         assert set(get_block_betas(model).values()) == {beta_at(step, 10, schedule="cosine")}
 
 
@@ -312,15 +314,19 @@ def test_figure_two_last_block_stays_dense():
         method="prune", sparsity=0.5, granularity="block", target_blocks=["encoder.layer.0", "encoder.layer.1"],
         transition_steps=4, stagger=True))
     layers = model.bert.encoder.layer
-    assert isinstance(layers[0], VConBlock) and isinstance(layers[1], VConBlock) and type(layers[2]) is type(original.bert.encoder.layer[2])
-    steps = {step: (set_step(model, step), dict(get_block_betas(model)))[1] for step in range(6)}
-    assert steps[1] == {"bert.encoder.layer.0": 0.5, "bert.encoder.layer.1": 1.0}
-    assert steps[3] == {"bert.encoder.layer.0": 0.0, "bert.encoder.layer.1": 0.5}
-    merged = merge_and_unload(model)
-    for key, value in original.state_dict().items():
-        same = torch.equal(merged.state_dict()[key], value)
-        assert same == (not (".layer.0." in key or ".layer.1." in key) or not key.endswith("weight")
-                        or "LayerNorm" in key), key
+    assert isinstance(layers[0], VConBlock) and isinstance(layers[1], VConBlock)
+    assert type(layers[2]) is type(original.bert.encoder.layer[2])
+    betas = {}
+    for step in range(6):
+        set_step(model, step)
+        betas[step] = get_block_betas(model)
+    assert betas[1] == {"bert.encoder.layer.0": 0.5, "bert.encoder.layer.1": 1.0}
+    assert betas[3] == {"bert.encoder.layer.0": 0.0, "bert.encoder.layer.1": 0.5}
+    compressed = {f"{name}.weight" for name in get_vcon_state(model).targeted_module_names}
+    assert all(".layer.0." in name or ".layer.1." in name for name in compressed) and len(compressed) == 12
+    merged = merge_and_unload(model).state_dict()
+    for key, value in original.state_dict().items():  # only the Linear weights of blocks 0 and 1 changed
+        assert torch.equal(merged[key], value) == (key not in compressed), key
 
 
 # ------------------------------------------------------------------------- 6. layer-wise vs block-wise
