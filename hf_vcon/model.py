@@ -118,6 +118,8 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
 
     The model keeps its class (a ``PreTrainedModel`` stays one) and starts at β = 1, where it computes exactly
     what it computed before. The names wrapped are in ``model.vcon_state.targeted_module_names``.
+    With ``granularity="block"`` each block of ``config.target_blocks`` is wrapped instead, in a
+    :class:`~hf_vcon.blocks.VConBlock` holding the original block and a compressed copy of it.
 
     Args:
         model: any ``nn.Module``, typically a transformers ``PreTrainedModel``.
