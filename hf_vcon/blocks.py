@@ -346,6 +346,26 @@ def unload_blocks(model: nn.Module, state: VConState) -> None:
     delattr(model, STATE_ATTRIBUTE)
 
 
+def compressed_blocks_state_dict(state: VConState, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every block's g (``{block}.vcon_block.…``) renamed to ``{block}.…`` and f dropped.
+
+    The result has the layout of a layer-wise VCON model whose targeted layers are g's: what the layer-wise
+    export turns into the merged checkpoint.
+    """
+    renamed = {}
+    prefixes = [(f"{name}.base_block.", f"{name}.vcon_block.", f"{name}.") for name in state.block_names]
+    for key, value in state_dict.items():
+        for original, compressed, block in prefixes:
+            if key.startswith(original):
+                break
+            if key.startswith(compressed):
+                renamed[block + key[len(compressed):]] = value
+                break
+        else:
+            renamed[key] = value
+    return renamed
+
+
 def get_block_betas(model: nn.Module) -> dict[str, float]:
     """β of every block of a block-wise model, by block name, in handover order.
 
@@ -356,7 +376,7 @@ def get_block_betas(model: nn.Module) -> dict[str, float]:
         >>> from torch import nn
         >>> from hf_vcon import VConConfig, apply_vcon, set_step
         >>> model = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2)))
-        >>> config = VConConfig(method="binary", granularity="block", target_blocks=r"\d", transition_steps=4, stagger=True)
+        >>> config = VConConfig(method="binary", granularity="block", target_blocks=r"\\d", transition_steps=4, stagger=True)
         >>> model = apply_vcon(model, config)
         >>> set_step(model, 1)  # block 0 half-way through its window [0, 2], block 1 waiting for [2, 4]; the mean
         0.75

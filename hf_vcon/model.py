@@ -218,14 +218,15 @@ def compressed_view(model: nn.Module) -> Iterator[nn.Module]:
         1.0
     """
     state = require_state(model, "compressed_view")
-    betas = [layer.beta for layer in state.layers]
+    holders = state.blocks or state.layers  # block-wise: the blocks hold β, g's layers stay at 0
+    betas = [holder.beta for holder in holders]
     try:
-        for layer in state.layers:
-            layer.set_beta(0.0)
+        for holder in holders:
+            holder.set_beta(0.0)
         yield model
     finally:
-        for layer, beta in zip(state.layers, betas):
-            layer.set_beta(beta)
+        for holder, beta in zip(holders, betas):
+            holder.set_beta(beta)
 
 
 def get_beta(model: nn.Module) -> float:

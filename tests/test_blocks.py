@@ -479,3 +479,63 @@ def test_block_betas_need_blocks():
     model = apply_vcon(build("bert"), vcon_config("binary", {}))
     with pytest.raises(VConError, match="granularity='block'"):
         get_block_betas(model)
+
+
+# ---------------------------------------------------------------------------------- 9. with the trainer
+def test_trainer_staggers_blocks_exports_and_resumes(tmp_path):
+    from test_trainer import BetaRecorder, TinyTextDataset, make_trainer
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_vcon import merged_state_dict
+
+    config = VConConfig(method="binary", granularity="block", target_blocks=BLOCKS["bert"], transition_steps=4,
+                        stagger=True)
+    full = make_trainer(tmp_path / "full", config, max_steps=6, save_strategy="steps", save_steps=3,
+                        gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    per_block = []
+    recorder = BetaRecorder(full)
+    original_compute_loss = full.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        per_block.append((full.state.global_step, list(get_block_betas(full.model).values())))
+        return original_compute_loss(model, inputs, *args, **kwargs)
+
+    full.compute_loss = compute_loss
+    full.train()
+    expected = {step: [window_beta(step, index, 2, 4, 0) for index in range(2)] for step in range(6)}
+    assert per_block == [(step, expected[step]) for step in range(6) for _ in range(2)]  # β per block per step
+    assert [beta for _, beta in recorder.records] == [sum(expected[s]) / 2 for s in range(6) for _ in range(2)]
+
+    # The merged export equals merge_and_unload and reloads without hf_vcon.
+    exported = merged_state_dict(full.model)
+    full.save_model(str(tmp_path / "merged"))
+    inputs = TinyTextDataset(4, seed=5).input_ids
+    full.model.eval()
+    with torch.no_grad():
+        compressed = full.model(input_ids=inputs).logits
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=inputs).logits, compressed, atol=1e-5, rtol=0)
+    merged = merge_and_unload(copy.deepcopy(full.model)).state_dict()
+    assert exported.keys() == merged.keys() == reloaded.state_dict().keys()
+    assert all(torch.equal(exported[key], merged[key]) for key in merged)
+
+    # Resuming mid-transition (step 3: block 0 done, block 1 half-way) gives the uninterrupted run.
+    resumed = make_trainer(tmp_path / "resumed", config, seed=123, max_steps=6, gradient_accumulation_steps=2,
+                           per_device_train_batch_size=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_compressed_view_sets_every_block_to_zero():
+    from hf_vcon import compressed_view
+
+    _, model = patched_blocks("bert", "prune", {"sparsity": 0.5}, stagger=True, transition_steps=4)
+    set_step(model, 1)
+    before = get_block_betas(model)
+    with compressed_view(model):
+        assert set(get_block_betas(model).values()) == {0.0}
+        inside = logits(model, "bert")
+    assert get_block_betas(model) == before
+    torch.testing.assert_close(inside, logits(merge_and_unload(model), "bert"), atol=1e-5, rtol=0)
