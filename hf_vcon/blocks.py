@@ -376,7 +376,8 @@ def get_block_betas(model: nn.Module) -> dict[str, float]:
         >>> from torch import nn
         >>> from hf_vcon import VConConfig, apply_vcon, set_step
         >>> model = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2)))
-        >>> config = VConConfig(method="binary", granularity="block", target_blocks=r"\\d", transition_steps=4, stagger=True)
+        >>> config = VConConfig(method="binary", granularity="block", target_blocks=r"\\d", stagger=True,
+        ...                     transition_steps=4)
         >>> model = apply_vcon(model, config)
         >>> set_step(model, 1)  # block 0 half-way through its window [0, 2], block 1 waiting for [2, 4]; the mean
         0.75
