@@ -14,6 +14,7 @@ from .compressors import Compressor, available_compressors, register_compressor
 
 # Layers and model verbs
 from .layers import VConLinear
+from .blocks import VConBlock, get_block_betas
 from .model import (
     apply_vcon,
     compressed_view,
@@ -46,6 +47,8 @@ __all__ = [
     "available_compressors",
     "register_compressor",
     "VConLinear",
+    "VConBlock",
+    "get_block_betas",
     "apply_vcon",
     "get_beta",
     "get_vcon_state",

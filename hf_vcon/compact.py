@@ -29,6 +29,7 @@ from torch import nn
 from .compressors import get_compressor
 from .config import VConConfig
 from .errors import IncompatibleCheckpointError
+from .export import layer_wise_state_dict
 from .layers import VConLinear
 from .model import _check_finite, _replace_module, require_state, unwrap_model
 from .version import __version__
@@ -93,7 +94,7 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
 
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, value in model.state_dict().items():
+    for key, value in layer_wise_state_dict(state, model.state_dict()).items():  # block-wise: g under the block's name
         if key in dropped:
             continue
         key = renamed.get(key, key)

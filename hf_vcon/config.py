@@ -23,6 +23,7 @@ CONFIG_NAME = "vcon_config.json"
 SCHEDULES = ("cosine", "cubic", "linear")
 PRUNE_PATTERNS = ("layer", "row", "N:M")
 BINARY_SCALES = ("channel", "tensor")
+GRANULARITIES = ("block", "layer")
 
 DEFAULT_SPARSITY = 0.9
 DEFAULT_PRUNE_PATTERN = "layer"
@@ -36,6 +37,8 @@ METHOD_ONLY_FIELDS = {
     "rank_ratio": "lowrank",
     "binary_scale": "binary",
 }
+
+ALL_LINEAR = "all-linear"
 
 _N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
 
@@ -91,6 +94,15 @@ class VConConfig:
             this many optimizer steps. 1 (the default, as the paper) recomputes it once per optimizer step, never
             per micro-batch; k > 1 trades freshness of the mask/scale for speed (``benchmarks/overhead.py``
             shows the cost) and needs the step from :func:`hf_vcon.set_step` (the trainer calls it).
+        granularity: what one VCON unit is: ``"layer"`` (default; every targeted Linear blends its weights) or
+            ``"block"`` (each block of ``target_blocks`` blends its outputs ``β·f(x) + (1−β)·g(x)``, g a compressed
+            copy of the block whose ``target_modules`` Linears are compressed; see :mod:`hf_vcon.blocks`).
+        target_blocks: block granularity only (and required there): the blocks, in the grammar of
+            ``target_modules`` (``"all-linear"`` excepted), e.g. ``r"bert\\.encoder\\.layer\\.\\d+"``.
+        stagger: block granularity only; ``True`` splits the transition Q into one window of Q/n steps per block,
+            so the n blocks hand over one after another (Figure 2 of the paper); ``False`` moves them together.
+        block_order: with ``stagger=True`` only; the full names of every matched block in the order they hand
+            over. Default: model order, first to last.
 
     Raises:
         ValueError / TypeError: on construction, naming the offending field and the accepted values.
@@ -113,6 +125,10 @@ class VConConfig:
     rank_ratio: Optional[float] = None
     binary_scale: Optional[str] = None
     recompute_every: int = 1
+    granularity: str = "layer"
+    target_blocks: Union[str, list[str], None] = None
+    stagger: bool = False
+    block_order: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         self._check_method()
@@ -123,6 +139,7 @@ class VConConfig:
         self._check_lowrank()
         self._check_binary()
         self._check_recompute_every()
+        self._check_granularity()
 
     # ----------------------------------------------------------------------------------------- validation
     def _check_method(self) -> None:
@@ -143,29 +160,31 @@ class VConConfig:
     def _check_targets(self) -> None:
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of module names, a regex string, or 'all-linear'.")
-        for field in ("target_modules", "exclude_modules"):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if isinstance(value, (tuple, set)):
-                value = sorted(value) if isinstance(value, set) else list(value)
-                setattr(self, field, value)
-            if isinstance(value, str):
-                if value == "all-linear":
-                    if field == "exclude_modules":
-                        raise ValueError("exclude_modules='all-linear' would exclude everything; name modules instead.")
-                    continue
+        self.target_modules = self._checked_targets("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            if self.exclude_modules == ALL_LINEAR:
+                raise ValueError("exclude_modules='all-linear' would exclude everything; name modules instead.")
+            self.exclude_modules = self._checked_targets("exclude_modules", self.exclude_modules)
+
+    @staticmethod
+    def _checked_targets(field: str, value: Any) -> Union[str, list[str]]:
+        """``value`` of a target-grammar ``field`` as a list or a valid regex string (tuples and sets → lists)."""
+        if isinstance(value, (tuple, set)):
+            value = sorted(value) if isinstance(value, set) else list(value)
+        if isinstance(value, str):
+            if value != ALL_LINEAR:
                 try:
                     re.compile(value)
                 except re.error as err:
                     raise ValueError(f"{field}={value!r} is not a valid regular expression: {err}.") from None
-            elif isinstance(value, list):
-                if not value or not all(isinstance(item, str) and item for item in value):
-                    raise TypeError(f"{field}={value!r} must be a non-empty list of module names (strings).")
-            else:
-                raise TypeError(
-                    f"{field} must be a list of module names, a regex string or 'all-linear', not {type(value).__name__}."
-                )
+        elif isinstance(value, list):
+            if not value or not all(isinstance(item, str) and item for item in value):
+                raise TypeError(f"{field}={value!r} must be a non-empty list of module names (strings).")
+        else:
+            raise TypeError(
+                f"{field} must be a list of module names, a regex string or 'all-linear', not {type(value).__name__}."
+            )
+        return value
 
     def _check_schedule(self) -> None:
         q = self.transition_steps
@@ -246,6 +265,49 @@ class VConConfig:
                 f"recompute_every={every} only applies to methods whose compressed weight is recomputed from W "
                 f"(prune, binary), not method={self.method!r}; remove it."
             )
+    def _check_granularity(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={self.granularity!r} is not known; use one of: {', '.join(GRANULARITIES)}."
+            )
+        block_wise = self.granularity == "block"
+        if not block_wise:
+            for field in ("target_blocks", "block_order"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{field}={getattr(self, field)!r} only applies to granularity='block', but "
+                        f"granularity={self.granularity!r}; remove {field} or set granularity='block'."
+                    )
+        if not isinstance(self.stagger, bool):
+            raise TypeError(f"stagger={self.stagger!r} must be True or False.")
+        if self.stagger and not block_wise:
+            raise ValueError(
+                f"stagger=True only applies to granularity='block', but granularity={self.granularity!r}; "
+                "set granularity='block' and target_blocks."
+            )
+        if not block_wise:
+            return
+        if self.target_blocks is None:
+            raise ValueError(
+                "granularity='block' needs target_blocks: the blocks' module names (a list of names or dotted "
+                "suffixes) or a regex such as r'bert\\.encoder\\.layer\\.\\d+'."
+            )
+        if self.target_blocks == ALL_LINEAR:
+            raise ValueError("target_blocks='all-linear' is not a set of blocks; name the blocks or give a regex.")
+        self.target_blocks = self._checked_targets("target_blocks", self.target_blocks)
+        if self.block_order is not None:
+            if not self.stagger:
+                raise ValueError(
+                    f"block_order={self.block_order!r} only applies with stagger=True; set stagger=True or remove it."
+                )
+            order = self.block_order
+            if isinstance(order, tuple):
+                order = self.block_order = list(order)
+            if not isinstance(order, list) or not order or not all(isinstance(name, str) and name for name in order):
+                raise TypeError(f"block_order={order!r} must be a non-empty list of block names (strings).")
+            repeated = sorted({name for name in order if order.count(name) > 1})
+            if repeated:
+                raise ValueError(f"block_order={order!r} names {repeated} more than once; name every block once.")
 
     # ------------------------------------------------------------------------------------------ schedule
     def resolve_transition_steps(self, max_steps: Optional[int] = None) -> int:

@@ -13,16 +13,26 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .model import VConState, require_state, unwrap_model
+from .model import VConState, get_beta, require_state, unwrap_model
 from .summary import LayerSummary, VConSummary
 from .version import __version__
 
-WRAPPER_KEY_PARTS = (".base_layer.", ".vcon_")
+WRAPPER_KEY_PARTS = (".base_layer.", ".vcon_", ".base_block.")
 
 
 def is_vcon_key(key: str) -> bool:
-    """True for state-dict keys that only a VCON-patched model has (``….base_layer.…``, ``….vcon_…``)."""
+    """True for state-dict keys that only a VCON-patched model has (``….base_layer.…``, ``….vcon_…``, and
+    block-wise ``….base_block.…`` / ``….vcon_block.…``)."""
     return any(part in key for part in WRAPPER_KEY_PARTS)
+
+
+def layer_wise_state_dict(state: VConState, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block-wise state dict in layer-wise form: each block's g under the block's own name, f dropped."""
+    if not state.blocks:
+        return dict(state_dict)
+    from .blocks import compressed_blocks_state_dict
+
+    return compressed_blocks_state_dict(state, state_dict)
 
 
 def _layer_tensors(state: VConState, state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, Any, torch.Tensor, dict]]:
@@ -43,7 +53,7 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
             to ``model.state_dict()``.
     """
     state = require_state(model, "merged_state_dict")
-    source = dict(state_dict if state_dict is not None else unwrap_model(model).state_dict())
+    source = layer_wise_state_dict(state, state_dict if state_dict is not None else unwrap_model(model).state_dict())
     merged = {key: value for key, value in source.items() if not is_vcon_key(key)}
     with torch.no_grad():
         for name, layer, weight, params in _layer_tensors(state, source):
@@ -57,12 +67,12 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
 def summary_from_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> VConSummary:
     """:func:`hf_vcon.vcon_summary` computed from a (full) state dict instead of the modules."""
     state = require_state(model, "summary_from_state_dict")
-    source = state_dict if state_dict is not None else unwrap_model(model).state_dict()
+    source = layer_wise_state_dict(state, state_dict if state_dict is not None else unwrap_model(model).state_dict())
     layers = tuple(
         LayerSummary(name=name, shape=tuple(weight.shape), stats=layer.compressor.stats(weight, params))
         for name, layer, weight, params in _layer_tensors(state, source)
     )
-    return VConSummary(method=state.config.method, beta=state.layers[0].beta, layers=layers)
+    return VConSummary(method=state.config.method, beta=get_beta(model), layers=layers)
 
 
 def save_merged(

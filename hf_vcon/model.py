@@ -29,11 +29,18 @@ _MAX_NAMES_SHOWN = 10
 
 @dataclass
 class VConState:
-    """What :func:`apply_vcon` did to a model, kept on it as ``model.vcon_state``."""
+    """What :func:`apply_vcon` did to a model, kept on it as ``model.vcon_state``.
+
+    Block-wise (``granularity="block"``), ``layers`` are the compressed layers inside the copies g and
+    ``targeted_module_names`` their names in the unpatched model; ``blocks`` / ``block_names`` are the
+    :class:`~hf_vcon.blocks.VConBlock` wrappers in handover order.
+    """
 
     config: VConConfig
     targeted_module_names: list[str]
     layers: list[VConLinear] = field(repr=False)
+    blocks: list = field(default_factory=list, repr=False)
+    block_names: list[str] = field(default_factory=list)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -112,6 +119,8 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
 
     The model keeps its class (a ``PreTrainedModel`` stays one) and starts at β = 1, where it computes exactly
     what it computed before. The names wrapped are in ``model.vcon_state.targeted_module_names``.
+    With ``granularity="block"`` each block of ``config.target_blocks`` is wrapped instead, in a
+    :class:`~hf_vcon.blocks.VConBlock` holding the original block and a compressed copy of it.
 
     Args:
         model: any ``nn.Module``, typically a transformers ``PreTrainedModel``.
@@ -136,6 +145,11 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
     if not isinstance(config, VConConfig):
         raise TypeError(f"config must be a VConConfig, not {type(config).__name__}.")
     _check_not_wrapped(model)
+    if config.granularity == "block":
+        from .blocks import apply_block_vcon  # builds on this module's helpers
+
+        _warn_skipped_experts(model, config)
+        return apply_block_vcon(model, config)
     names = _resolve_targets(model, config)
     compressor = get_compressor(config)
     for name in names:
@@ -169,7 +183,7 @@ def set_beta(model: nn.Module, beta: float) -> None:
     state = require_state(model, "set_beta")
     if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta!r} must be a number in [0, 1].")
-    for layer in state.layers:
+    for layer in state.blocks or state.layers:  # block-wise: the blocks hold β, g's layers stay at 0
         layer.set_beta(beta)
 
 
@@ -187,6 +201,10 @@ def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> fl
     """
     state = require_state(model, "set_step")
     config = state.config
+    if state.blocks:  # each block gets the β of its own window (stagger), and the mean is returned
+        from .blocks import set_block_step
+
+        return set_block_step(state, step, config.resolve_transition_steps(max_steps))
     beta = beta_at(step, config.resolve_transition_steps(max_steps), config.start_step, config.schedule)
     for layer in state.layers:
         layer.set_beta(beta)
@@ -208,19 +226,25 @@ def compressed_view(model: nn.Module) -> Iterator[nn.Module]:
         1.0
     """
     state = require_state(model, "compressed_view")
-    betas = [layer.beta for layer in state.layers]
+    holders = state.blocks or state.layers  # block-wise: the blocks hold β, g's layers stay at 0
+    betas = [holder.beta for holder in holders]
     try:
-        for layer in state.layers:
-            layer.set_beta(0.0)
+        for holder in holders:
+            holder.set_beta(0.0)
         yield model
     finally:
-        for layer, beta in zip(state.layers, betas):
-            layer.set_beta(beta)
+        for holder, beta in zip(holders, betas):
+            holder.set_beta(beta)
 
 
 def get_beta(model: nn.Module) -> float:
-    """The β of the model's VCON layers (they share one unless set one by one)."""
-    return require_state(model, "get_beta").layers[0].beta
+    """The β of the model's VCON layers (they share one unless set one by one); block-wise, the mean over blocks."""
+    state = require_state(model, "get_beta")
+    if state.blocks:
+        from .blocks import mean_beta
+
+        return mean_beta(state)
+    return state.layers[0].beta
 
 
 # --------------------------------------------------------------------------------- after the transition
@@ -336,6 +360,11 @@ def merge_and_unload(model: ModelT) -> ModelT:
     model = unwrap_model(model)
     state = require_state(model, "merge_and_unload")
     _check_finite(state)
+    if state.blocks:
+        from .blocks import merge_blocks
+
+        merge_blocks(model, state)
+        return model
     with torch.no_grad():
         for layer in state.layers:
             layer.base_layer.weight.copy_(layer.merged_weight())
@@ -353,6 +382,12 @@ def unload(model: ModelT) -> ModelT:
         VConError: if the model has no VCON layers.
     """
     model = unwrap_model(model)
-    _remove_wrappers(model, require_state(model, "unload"))
+    state = require_state(model, "unload")
+    if state.blocks:
+        from .blocks import unload_blocks
+
+        unload_blocks(model, state)
+        return model
+    _remove_wrappers(model, state)
     return model
 

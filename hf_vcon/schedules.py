@@ -52,3 +52,27 @@ def beta_at(step: int, transition_steps: int, start_step: int = 0, schedule: str
     if progress >= 1.0:
         return 0.0  # exact 0, whatever rounding the curve has at p = 1
     return SCHEDULE_FUNCTIONS[schedule](progress)
+
+
+def staggered_beta_at(
+    step: int, transition_steps: int, index: int, count: int, start_step: int = 0, schedule: str = "linear"
+) -> float:
+    """β of block ``index`` of ``count`` blocks that hand over one after another (block-wise VCON, Figure 2).
+
+    The transition ``[start_step, start_step + Q]`` is split into ``count`` equal consecutive windows; block k
+    runs the whole schedule inside its own window ``[start_step + k·Q/n, start_step + (k+1)·Q/n]``: its progress
+    is ``p_k = clamp(n·p − k, 0, 1)`` with p the progress of the whole transition. Before its window a block
+    has β = 1, after it β = 0; with Q = 0 every block is at β = 0 from ``start_step`` on.
+
+    Example:
+        >>> [staggered_beta_at(5, 10, index, 2) for index in (0, 1)]
+        [0.0, 1.0]
+        >>> [staggered_beta_at(6, 10, index, 2) for index in (0, 1)]
+        [0.0, 0.8]
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"index={index!r} must be in [0, count={count}).")
+    progress = min(max(transition_progress(step, transition_steps, start_step) * count - index, 0.0), 1.0)
+    if progress >= 1.0:
+        return 0.0
+    return SCHEDULE_FUNCTIONS[schedule](progress)

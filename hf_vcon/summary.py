@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .compressors import CompressionStats
-from .model import require_state
+from .model import get_beta, require_state
 
 
 @dataclass(frozen=True)
@@ -119,4 +119,4 @@ def vcon_summary(model: nn.Module) -> VConSummary:
         )
         for name, layer in zip(state.targeted_module_names, state.layers)
     )
-    return VConSummary(method=state.config.method, beta=state.layers[0].beta, layers=layers)
+    return VConSummary(method=state.config.method, beta=get_beta(model), layers=layers)

@@ -176,3 +176,15 @@ def test_missing_manifest_raises(tmp_path):
     os.remove(tmp_path / COMPACT_CONFIG_NAME)
     with pytest.raises(IncompatibleCheckpointError, match="save_compressed"):
         load_compressed(tmp_path)
+
+
+@pytest.mark.parametrize("method, setting", [("binary", {}), ("lowrank", {"rank": 3}), ("prune", {"sparsity": 0.5})])
+def test_block_wise_round_trip_equals_the_merged_model(method, setting, tmp_path):
+    model = apply_vcon(build("bert"), vcon_config(method, setting, granularity="block",
+                                                   target_blocks=r"bert\.encoder\.layer\.\d+"))
+    set_beta(model, 0.0)
+    expected = logits(model, "bert")
+    save_compressed(model, tmp_path)
+    loaded = load_compressed(tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, "bert"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merge_and_unload(model), "bert"), expected, atol=1e-5, rtol=0)
