@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_max_length", type=int, default=32, help="tokens per snippet (mean is 27)")
     parser.add_argument("--q_sweep", default="", help="comma list of Q fractions: VCON at each (paper Fig. 4)")
     parser.add_argument("--no_gmp", action="store_true", help="skip the GMP arm")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: redraw the tables and pictures from the runs already in results.jsonl")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tag", default="", help="kept with every run, to tell sweeps apart in results.jsonl")
     return parser.parse_args(argv)
@@ -181,7 +183,7 @@ def main(argv=None) -> None:
                                          "n_test": args.text_test, "n_validation": args.text_validation,
                                          "max_length": args.text_max_length} if task_name == "text" else {}))
         print(f"[{task_name}] {task.description}", flush=True)
-        state_dict, dense_accuracy = dense_model(task, args)
+        state_dict, dense_accuracy = (None, None) if args.report_only else dense_model(task, args)
         plan = []
         for method in methods:
             if sweep:
@@ -197,6 +199,8 @@ def main(argv=None) -> None:
                          "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
                          "lr_scheduler": args.lr_scheduler, "tag": args.tag}
                 record = done.get(run_key(probe))
+                if record is None and args.report_only:
+                    continue
                 if record is None:
                     record = run_arm(task, state_dict, method, arm, q, seed, args)
                     record["dense_accuracy"] = dense_accuracy
@@ -205,8 +209,12 @@ def main(argv=None) -> None:
                     print(f"[{task_name}] {method:8s} {arm:9s} Q={q:<5} seed {seed}: "
                           f"{record['test_accuracy']:.4f} ({record['train_seconds']} s)", flush=True)
                 records.append(record)
+        if not records:
+            continue
+        dense_accuracy = records[0]["dense_accuracy"]
         header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                  f"AdamW lr {args.lr} ({args.lr_scheduler}), seeds {args.seeds}")
+                  f"AdamW lr {args.lr} ({args.lr_scheduler}), "
+                  f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
         if sweep:
             write_q_sweep(records, dense_accuracy, args.out, task_name, header)
         else:
