@@ -15,7 +15,9 @@ def _pm(values: list[float]) -> str:
     if not values:
         return "—"
     values = 100 * np.asarray(values)
-    return f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
 def _paired_gain(by_seed_a: dict, by_seed_b: dict) -> str:
