@@ -44,7 +44,7 @@ from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
 DEFAULTS = {
-    "vision": dict(steps=400, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=25),
+    "vision": dict(steps=100, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=10),
     "text": dict(steps=60, dense_steps=150, lr=1e-4, dense_lr=5e-5, batch_size=16, eval_every=15),
 }
 METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio"}
