@@ -21,6 +21,7 @@ from .version import __version__
 CONFIG_NAME = "vcon_config.json"
 
 SCHEDULES = ("cosine", "cubic", "linear")
+TRANSITIONS = ("gmp", "vcon")
 PRUNE_PATTERNS = ("layer", "row", "N:M")
 BINARY_SCALES = ("channel", "tensor")
 GRANULARITIES = ("block", "layer")
@@ -83,6 +84,10 @@ class VConConfig:
             run's ``max_steps`` (resolved when training starts); ``0`` is the post-shot baseline (β = 0 at once).
         start_step: β stays 1 until this optimizer step, then the transition starts.
         schedule: the shape of β over the transition: ``"linear"`` (the paper), ``"cosine"`` or ``"cubic"``.
+        transition: how the model goes from dense to compressed over Q. ``"vcon"`` (default) blends the two paths
+            with β as above. ``"gmp"`` (prune only, ``"layer"``/``"row"`` patterns) is the gradual magnitude pruning
+            baseline of Zhu & Gupta (2017): no blending (β = 0), a hard mask whose sparsity rises as
+            ``s_t = s·(1 − (1 − p)³)``, p = (t − start_step)/Q clamped to [0, 1]; ``schedule`` does not apply.
         sparsity: prune only; the fraction of weights set to zero, in [0, 1). Defaults to 0.9. Implied by an
             ``N:M`` pattern (1 − N/M) and may then be omitted.
         prune_pattern: prune only; ``"layer"`` (unstructured, per layer), ``"row"`` (the same fraction in every
@@ -119,6 +124,7 @@ class VConConfig:
     transition_steps: Union[int, float] = 0.2
     start_step: int = 0
     schedule: str = "linear"
+    transition: str = "vcon"
     sparsity: Optional[float] = None
     prune_pattern: Optional[str] = None
     rank: Optional[int] = None
@@ -140,6 +146,7 @@ class VConConfig:
         self._check_binary()
         self._check_recompute_every()
         self._check_granularity()
+        self._check_transition()
 
     # ----------------------------------------------------------------------------------------- validation
     def _check_method(self) -> None:
@@ -265,6 +272,7 @@ class VConConfig:
                 f"recompute_every={every} only applies to methods whose compressed weight is recomputed from W "
                 f"(prune, binary), not method={self.method!r}; remove it."
             )
+
     def _check_granularity(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(
@@ -308,6 +316,32 @@ class VConConfig:
             repeated = sorted({name for name in order if order.count(name) > 1})
             if repeated:
                 raise ValueError(f"block_order={order!r} names {repeated} more than once; name every block once.")
+
+    def _check_transition(self) -> None:
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"transition={self.transition!r} is not known; use one of: {', '.join(TRANSITIONS)}.")
+        if self.transition != "gmp":
+            return
+        if self.method != "prune":
+            raise ValueError(
+                f"transition='gmp' (gradual magnitude pruning) only applies to method='prune', but method={self.method!r}; "
+                "use transition='vcon' or method='prune'."
+            )
+        if self.prune_pattern not in ("layer", "row"):
+            raise ValueError(
+                f"transition='gmp' raises the sparsity gradually, which prune_pattern={self.prune_pattern!r} (a fixed "
+                "N:M sparsity) cannot do; use prune_pattern='layer' or 'row', or transition='vcon'."
+            )
+        if self.granularity != "layer":
+            raise ValueError(
+                f"transition='gmp' prunes layer by layer and does not blend blocks; remove granularity={self.granularity!r} "
+                "or use transition='vcon'."
+            )
+        if self.schedule != "linear":
+            raise ValueError(
+                f"schedule={self.schedule!r} shapes β, which transition='gmp' does not use (its sparsity follows Zhu & "
+                "Gupta's cubic ramp); remove schedule or use transition='vcon'."
+            )
 
     # ------------------------------------------------------------------------------------------ schedule
     def resolve_transition_steps(self, max_steps: Optional[int] = None) -> int:

@@ -170,9 +170,9 @@ class VConLinear(nn.Module):
         weight = self.latent_weight()
         every = getattr(self.compressor.config, "recompute_every", 1)
         if every > 1 and self.optimizer_step is not None:
-            key: tuple = ("every", self.optimizer_step // every, weight.data_ptr())
+            key: tuple = ("every", self.optimizer_step // every, weight.data_ptr(), id(self.compressor))
         else:
-            key = ("version", self.optimizer_step, weight._version, weight.data_ptr())
+            key = ("version", self.optimizer_step, weight._version, weight.data_ptr(), id(self.compressor))
         if self._state is None or self._state_key != key:
             with torch.no_grad():
                 self._state = self.compressor.compression_state(weight.detach())

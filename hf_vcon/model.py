@@ -5,6 +5,7 @@ Each verb checks everything first and mutates after, so a failure never leaves a
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .config import VConConfig
 from .distributed import gathered_for_reading
 from .errors import NoTargetModulesError, VConError, VConWarning
 from .layers import VConLinear
-from .schedules import beta_at
+from .schedules import beta_at, gmp_sparsity
 from .targets import ALL_LINEAR, LINEAR_TYPES, find_targets, fused_expert_modules, matches
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -193,6 +194,10 @@ def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> fl
     This is the one call training loops make (the trainer calls it with ``state.global_step`` before every
     micro-batch): Q is resolved against ``max_steps`` when ``transition_steps`` is a fraction.
 
+    With ``transition="gmp"`` β is 0 (a hard mask, no blending) and the layers are handed the compression in
+    force at this step: the same pruner at sparsity ``s_t`` (:func:`~hf_vcon.schedules.gmp_sparsity`), so the
+    compressed model is ``s_t``-sparse until the ramp ends.
+
     Example:
         >>> from torch import nn
         >>> model = apply_vcon(nn.Sequential(nn.Linear(4, 4)), VConConfig(method="binary", transition_steps=10))
@@ -201,15 +206,30 @@ def set_step(model: nn.Module, step: int, max_steps: Optional[int] = None) -> fl
     """
     state = require_state(model, "set_step")
     config = state.config
+    transition_steps = config.resolve_transition_steps(max_steps)
     if state.blocks:  # each block gets the β of its own window (stagger), and the mean is returned
         from .blocks import set_block_step
 
-        return set_block_step(state, step, config.resolve_transition_steps(max_steps))
-    beta = beta_at(step, config.resolve_transition_steps(max_steps), config.start_step, config.schedule)
+        return set_block_step(state, step, transition_steps)
+    if config.transition == "gmp":
+        _set_compression(state, gmp_sparsity(step, config.sparsity, transition_steps, config.start_step))
+        beta = 0.0
+    else:
+        beta = beta_at(step, transition_steps, config.start_step, config.schedule)
     for layer in state.layers:
         layer.set_beta(beta)
         layer.optimizer_step = step
     return beta
+
+
+def _set_compression(state: VConState, sparsity: float) -> None:
+    """Hand every layer the config's compressor at ``sparsity`` (GMP); compressors themselves never see a step."""
+    current = state.layers[0].compressor
+    if current.config.sparsity == sparsity:
+        return
+    compressor = get_compressor(dataclasses.replace(state.config, sparsity=sparsity))
+    for layer in state.layers:
+        layer.compressor = compressor
 
 
 @contextmanager

@@ -3,6 +3,8 @@
 β is the weight of the original path f; ``1 − β`` that of the compressed path g. Every schedule starts at
 β = 1 (``t <= start_step``), reaches β = 0 at ``t = start_step + Q`` and stays there. Q = 0 is the post-shot
 baseline: β = 0 from ``start_step`` on.
+
+:func:`gmp_sparsity` is the sparsity ramp of the gradual magnitude pruning baseline (``transition="gmp"``).
 """
 
 from __future__ import annotations
@@ -76,3 +78,19 @@ def staggered_beta_at(
     if progress >= 1.0:
         return 0.0
     return SCHEDULE_FUNCTIONS[schedule](progress)
+def gmp_sparsity(step: int, sparsity: float, transition_steps: int, start_step: int = 0) -> float:
+    """Sparsity of gradual magnitude pruning (Zhu & Gupta 2017, Eq. 1) at optimizer step ``step``.
+
+    ``s_t = s·(1 − (1 − p)³)`` with p = clamp((t − start_step)/Q, 0, 1): 0 until ``start_step``, the final
+    sparsity ``s`` from ``start_step + Q`` on, rising fast first and slowly last. Q = 0 prunes to ``s`` at once.
+
+    Example:
+        >>> gmp_sparsity(5, sparsity=0.5, transition_steps=10)
+        0.4375
+        >>> gmp_sparsity(10, sparsity=0.5, transition_steps=10)
+        0.5
+    """
+    progress = transition_progress(step, transition_steps, start_step)
+    if progress >= 1.0:
+        return float(sparsity)  # exact s at the end of the ramp
+    return sparsity * (1.0 - cubic(progress))

@@ -47,6 +47,7 @@ class VConCallback(TrainerCallback):
         self.vcon_config = vcon_config
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
+        self._summary_compressor = None
         self._last_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -68,6 +69,7 @@ class VConCallback(TrainerCallback):
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
+        self._summary_compressor = get_vcon_state(inner).layers[0].compressor
         return inner
 
     @staticmethod
@@ -128,8 +130,11 @@ class VConCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:
         """``vcon/beta`` and the compression metrics of the compressed path."""
-        if self.summary is None:  # computed once per run: the compression's shape does not change
+        compressor = get_vcon_state(self.model).layers[0].compressor
+        if self.summary is None or compressor is not self._summary_compressor:
+            # Computed again only when the compression changes (GMP's rising sparsity), not at every log.
             self.summary = summary_from_state_dict(self.model)
+            self._summary_compressor = compressor
         metrics = {f"vcon/{key}": value for key, value in self.summary.metrics().items()}
         return {"vcon/beta": get_beta(self.model), **metrics, "vcon/size_ratio": self.summary.size_ratio}
 

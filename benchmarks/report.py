@@ -1,0 +1,130 @@
+"""Tables (Markdown) and pictures (PNG, matplotlib) from the benchmark's run records."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+ARMS = ("post-shot", "vcon", "gmp")
+COLORS = {"post-shot": "tab:gray", "vcon": "tab:blue", "gmp": "tab:orange"}
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "—"
+    values = 100 * np.asarray(values)
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def _paired_gain(by_seed_a: dict, by_seed_b: dict) -> str:
+    seeds = sorted(set(by_seed_a) & set(by_seed_b))
+    if not seeds:
+        return "—"
+    gains = [by_seed_a[s] - by_seed_b[s] for s in seeds]
+    return f"{'+' if np.mean(gains) >= 0 else ''}{_pm(gains)}"
+
+
+def _section(path: str, marker: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- marker -->`` lines of a Markdown file."""
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text += ("\n" if text else "") + block
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_table(records: list[dict], dense: float, out: str, task: str, header: str, q: float, schedule: str) -> None:
+    accuracy = defaultdict(dict)  # (method, arm) -> {seed: acc}
+    for record in records:
+        accuracy[(record["method"], record["arm"])][record["seed"]] = record["test_accuracy"]
+    methods = list(dict.fromkeys(record["method"] for record in records))
+    lines = [f"**{task}** — {header}; Q = {q:g} of the run ({schedule} β). Test accuracy (%) of the compressed "
+             "model after the last step, mean ± std over seeds; gains are per-seed paired differences.", "",
+             "| method | dense | post-shot | VCON | GMP | gain VCON − post-shot | gain VCON − GMP |",
+             "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        post, vcon, gmp = (accuracy.get((method, arm), {}) for arm in ARMS)
+        lines.append(f"| {method} | {100 * dense:.2f} | {_pm(list(post.values()))} | {_pm(list(vcon.values()))} | "
+                     f"{_pm(list(gmp.values()))} | {_paired_gain(vcon, post)} | {_paired_gain(vcon, gmp)} |")
+    _section(os.path.join(out, "accuracy.md"), f"table {task}", "\n".join(lines) + "\n")
+    plot_curves(records, out, task, dense)
+
+
+def plot_curves(records: list[dict], out: str, task: str, dense: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(record["method"] for record in records))
+    figure, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False, dpi=80)
+    for axis, method in zip(axes[0], methods):
+        twin = axis.twinx()
+        for arm in ARMS:
+            runs = [r for r in records if r["method"] == method and r["arm"] == arm and r["curve"]]
+            if not runs:
+                continue
+            steps = [point["step"] for point in runs[0]["curve"]]
+            values = np.array([[point["accuracy"] for point in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
+            mean, std = 100 * values.mean(0), 100 * values.std(0)
+            axis.plot(steps, mean, color=COLORS[arm], label=f"{arm} (compressed)")
+            axis.fill_between(steps, mean - std, mean + std, color=COLORS[arm], alpha=0.15)
+            if arm == "vcon":
+                twin.plot(steps, [point["beta"] for point in runs[0]["curve"]], "--", color=COLORS[arm], label="β (VCON)")
+            if arm == "gmp":
+                final = runs[0]["curve"][-1]["sparsity"] or 1.0
+                twin.plot(steps, [1 - (point["sparsity"] or 0) / final for point in runs[0]["curve"]], "--",
+                          color=COLORS[arm], label="1 − s_t/s (GMP)")
+        axis.axhline(100 * dense, color="black", lw=0.8, ls=":", label="dense")
+        axis.set_title(f"{task}: {method}")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("validation accuracy (%)")
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("β")
+        if axis is axes[0][0]:
+            handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            axis.legend(handles=handles, fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, f"curves_{task}.png"))
+    plt.close(figure)
+
+
+def write_q_sweep(records: list[dict], dense: float, out: str, task: str, header: str) -> None:
+    by_q = defaultdict(lambda: defaultdict(list))  # method -> q -> [acc]
+    for record in records:
+        by_q[record["method"]][record["q"]].append(record["test_accuracy"])
+    lines = [f"**{task}** — {header}. Test accuracy (%) of the compressed model against Q (fraction of the run; "
+             "0 = post-shot), mean ± std over seeds.", ""]
+    qs = sorted({record["q"] for record in records})
+    lines += ["| method | " + " | ".join(f"Q = {q:g}" for q in qs) + " |", "|---|" + "---|" * len(qs)]
+    for method, values in by_q.items():
+        lines.append(f"| {method} | " + " | ".join(_pm(values.get(q, [])) for q in qs) + " |")
+    _section(os.path.join(out, "q_sweep.md"), f"q_sweep {task} {records[0]['steps']}", "\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.8, 3.4), dpi=80)
+    for method, values in by_q.items():
+        means = [100 * np.mean(values[q]) for q in qs]
+        stds = [100 * np.std(values[q], ddof=1) if len(values[q]) > 1 else 0 for q in qs]
+        axis.errorbar(qs, means, yerr=stds, marker="o", capsize=3, label=method)
+    axis.axhline(100 * dense, color="black", lw=0.8, ls=":", label="dense")
+    axis.set_xlabel("transition length Q (fraction of the run)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{task}: accuracy vs Q ({records[0]['steps']} steps)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, f"q_sweep_{task}_{records[0]['steps']}.png"))
+    plt.close(figure)
