@@ -381,6 +381,8 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
     vcon = make_trainer(from_dense(), training_args, config, task)
     _train(vcon, task)
     results["VCON"] = _evaluate(vcon, task)
+    if training_args.do_predict and task.predict:
+        task.predict(vcon)
     summary = vcon_summary(vcon.model)
     q = config.resolve_transition_steps(vcon.state.max_steps)
 

@@ -107,9 +107,10 @@ def glue_args(model: str, files: dict, out: str, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- end to end
 def test_glue_script_prune_end_to_end(tiny_text_model, csv_files, tmp_path):
     out = str(tmp_path / "out")
-    run_script(GLUE, glue_args(tiny_text_model, csv_files, out, "--test_file", csv_files["test"], "--do_train",
-                               "--do_eval", "--do_predict", "--vcon_method", "prune", "--vcon_sparsity", "0.5",
-                               "--vcon_transition_steps", "2"))
+    result = run_script(GLUE, glue_args(tiny_text_model, csv_files, out, "--test_file", csv_files["test"], "--do_train",
+                                        "--do_eval", "--do_predict", "--vcon_method", "prune", "--vcon_sparsity",
+                                        "0.5", "--vcon_transition_steps", "2"))
+    assert (result.stdout + result.stderr).count("local implementation of the same metric") == 1  # offline, said once
     model = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers, no hf_vcon
     query = query_weight(model)
     assert (query == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
