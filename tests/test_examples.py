@@ -1,0 +1,221 @@
+"""The example scripts end to end on tiny offline inputs (a tiny config model, CSV rows or digit images), and their
+answers to bad input: a message naming the flag, exit code 2, before any training."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLUE = os.path.join(REPO, "examples", "glue", "run_glue_vcon.py")
+VISION = os.path.join(REPO, "examples", "vision", "run_image_classification_vcon.py")
+TINY_VIT = "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32"
+COMMON = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+          "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "--save_strategy", "no", "--seed", "0"]
+
+
+def run_script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location(f"example_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def query_weight(model) -> torch.Tensor:
+    """The first attention query weight (``query`` in transformers 4, ``q_proj`` in some 5.x models)."""
+    return next(value for key, value in model.state_dict().items() if key.endswith(("query.weight", "q_proj.weight")))
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
+
+
+def tiny_tokenizer(max_length: int = 64) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the test's words, built with ``tokenizers`` (nothing from the Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "was",
+                                                 "and", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory) -> str:
+    """A folder with a tiny BERT built from a config and its tokenizer, as ``--model_name_or_path``."""
+    folder = str(tmp_path_factory.mktemp("tiny-bert"))
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def csv_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("csv")
+    paths = {}
+    for split, count in (("train", 24), ("validation", 12), ("test", 6)):
+        paths[split] = str(folder / f"{split}.csv")
+        with open(paths[split], "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sentence", "label"])
+            for i in range(count):
+                writer.writerow([f"the film was {WORDS[i % 6]} and {WORDS[(i * 5) % 6]}", int(i % 6 < 3)])
+    return paths
+
+
+def glue_args(model: str, files: dict, out: str, *extra: str) -> list[str]:
+    return ["--model_name_or_path", model, "--train_file", files["train"], "--validation_file", files["validation"],
+            "--max_seq_length", "16", "--output_dir", out, *COMMON, *extra]
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def test_glue_script_prune_end_to_end(tiny_text_model, csv_files, tmp_path):
+    out = str(tmp_path / "out")
+    result = run_script(GLUE, glue_args(tiny_text_model, csv_files, out, "--test_file", csv_files["test"], "--do_train",
+                                        "--do_eval", "--do_predict", "--vcon_method", "prune", "--vcon_sparsity",
+                                        "0.5", "--vcon_transition_steps", "2"))
+    assert (result.stdout + result.stderr).count("local implementation of the same metric") == 1  # offline, said once
+    model = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers, no hf_vcon
+    query = query_weight(model)
+    assert (query == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert model.classifier.weight.ne(0).all()  # the head stays dense
+    results = read_json(os.path.join(out, "all_results.json"))
+    assert {"eval_accuracy", "eval_loss", "eval_samples", "train_loss", "train_samples"} <= set(results)
+    assert read_json(os.path.join(out, "eval_results.json"))["eval_samples"] == 12
+    assert read_json(os.path.join(out, "vcon_config.json"))["method"] == "prune"
+    with open(os.path.join(out, "predict_results_test.txt"), encoding="utf-8") as handle:
+        assert len(handle.read().splitlines()) == 1 + 6
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+
+
+def test_vision_script_compare_end_to_end(tmp_path):
+    """The offline default (digits, ViT from a config, three arms), shrunk: a tiny ViT, a few images and steps."""
+    out = str(tmp_path / "out")
+    result = run_script(VISION, ["--config_overrides", TINY_VIT, "--max_train_samples", "64", "--max_eval_samples",
+                                 "32", "--vcon_method", "binary", "--vcon_transition_steps", "2", "--output_dir", out,
+                                 *COMMON])
+    for row in ("| dense |", "| post-shot |", "| VCON |", f"Saved the merged VCON model to {os.path.abspath(out)}"):
+        assert row in result.stdout
+    model = AutoModelForImageClassification.from_pretrained(out)
+    weight = query_weight(model)
+    assert torch.unique(weight.abs()).numel() == 1  # sign(W)·mean|W|: one magnitude per tensor
+    results = read_json(os.path.join(out, "all_results.json"))
+    expected = {"eval_accuracy", "train_loss", "dense_eval_accuracy", "postshot_eval_accuracy", "vcon_eval_accuracy",
+                "targeted_bytes_before", "targeted_bytes_after"}
+    assert expected <= set(results)
+    assert results["targeted_bytes_after"] < results["targeted_bytes_before"] / 8
+    assert results["vcon_eval_accuracy"] == results["eval_accuracy"]
+    for arm in ("dense", "post-shot"):
+        assert "eval_accuracy" in read_json(os.path.join(out, arm, "eval_results.json"))
+    assert not os.path.exists(os.path.join(out, "dense", "vcon_config.json"))
+    assert read_json(os.path.join(out, "post-shot", "vcon_config.json"))["transition_steps"] == 0
+    assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
+
+
+def test_glue_script_dense_reference_in_process(tiny_text_model, csv_files, tmp_path):
+    """--vcon_method none: a plain Trainer, a plain checkpoint."""
+    glue = load_script(GLUE)
+    out = str(tmp_path / "out")
+    metrics = glue.main(glue_args(tiny_text_model, csv_files, out, "--vcon_method", "none", "--max_steps", "2"))
+    assert "eval_accuracy" in metrics
+    assert not os.path.exists(os.path.join(out, "vcon_config.json"))
+    AutoModelForSequenceClassification.from_pretrained(out)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def expect_usage_error(script: str, argv: list[str], flag: str, capsys) -> str:
+    module = load_script(script)
+    with pytest.raises(SystemExit) as raised:
+        module.run_main(module.main, argv)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert flag in error, error
+    return error
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--task_name", "sst3"], "--task_name"),
+        (["--train_file", "missing.csv", "--validation_file", "missing.csv"], "--train_file"),
+        ([], "--task_name"),
+        (["--task_name", "sst2", "--vcon_method", "int4"], "--vcon_method"),
+        (["--task_name", "sst2", "--vcon_method", "lowrank", "--vcon_rank_ratio", "1.5"], "--vcon_rank_ratio"),
+        (["--task_name", "sst2", "--vcon_method", "none", "--vcon_sparsity", "0.5"], "--vcon_sparsity"),
+        (["--task_name", "sst2", "--vcon_transition_steps", "soon"], "--vcon_transition_steps"),
+    ],
+    ids=["unknown-task", "missing-files", "no-data", "unknown-method", "bad-rank-ratio", "option-of-none", "bad-q"],
+)
+def test_glue_script_rejects_bad_flags(argv, flag, tmp_path, capsys):
+    error = expect_usage_error(GLUE, ["--model_name_or_path", "unused", "--output_dir", str(tmp_path / "o"), *argv],
+                               flag, capsys)
+    if flag == "--vcon_method":
+        assert "none" in error and "prune" in error
+
+
+def test_glue_script_rejects_missing_label_column(tiny_text_model, csv_files, tmp_path, capsys):
+    error = expect_usage_error(GLUE, glue_args(tiny_text_model, csv_files, str(tmp_path / "o"), "--label_column_name",
+                                               "stars"), "--label_column_name", capsys)
+    assert "sentence" in error  # lists the columns there are
+    assert not os.path.exists(tmp_path / "o" / "train_results.json")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--vcon_method", "int4"], "--vcon_method"),
+        (["--label_column_name", "digit"], "--label_column_name"),
+        (["--image_column_name", "pixels"], "--image_column_name"),
+        (["--train_dir", "no-such-folder"], "--train_dir"),
+    ],
+    ids=["unknown-method", "label-column", "image-column", "missing-folder"],
+)
+def test_vision_script_rejects_bad_flags(argv, flag, tmp_path, capsys):
+    expect_usage_error(VISION, ["--output_dir", str(tmp_path / "o"), *argv], flag, capsys)
+
+
+@pytest.mark.parametrize("script", [GLUE, VISION], ids=["glue", "vision"])
+def test_scripts_never_overwrite_a_saved_model(script, tmp_path, capsys):
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    argv = ["--output_dir", str(out)] + (["--model_name_or_path", "unused", "--task_name", "sst2"] if script == GLUE else [])
+    error = expect_usage_error(script, argv, "--output_dir", capsys)
+    assert "--overwrite_output_dir" in error
+    assert (out / "config.json").read_text() == "{}"
