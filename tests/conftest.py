@@ -77,6 +77,24 @@ def tiny_inputs(kind: str, batch: int = 2, seed: int = 0) -> dict:
     return {"input_ids": torch.randint(0, 99, (batch, 7), generator=generator)}
 
 
+SEQ_LEN = 8
+
+
+class TinyTextDataset(torch.utils.data.Dataset):
+    """Deterministic random token sequences; the label is a function of the first token, so it can be learnt."""
+
+    def __init__(self, size: int = 32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(0, 99, (size, SEQ_LEN), generator=generator)
+        self.labels = self.input_ids[:, 0] % 3
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
 MODEL_BUILDERS = {"bert": tiny_bert, "vit": tiny_vit, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 

@@ -38,28 +38,14 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 from hf_vcon import VConConfig, VConTrainer, apply_vcon, get_beta, get_vcon_state, save_merged, set_step  # noqa: E402
 from hf_vcon.distributed import check_sharding  # noqa: E402
 
+from conftest import TinyTextDataset  # noqa: E402  (this script's folder is on sys.path)
+
 METHOD_SETTINGS = {"prune": dict(sparsity=0.5), "binary": dict(), "lowrank": dict(rank=4)}
 MAX_STEPS = 6
 TRANSITION_STEPS = 3  # β = 1, 2/3, 1/3, then 0 from step 3 on: the transition ends inside the run
 SAVE_STEPS = 2  # one checkpoint mid-transition (β = 1/3 next), written by the Trainer with the VCON layers
 GLOBAL_BATCH = 4
-SEQ_LEN = 8
 SEED = 0
-
-
-class TinyTextDataset(torch.utils.data.Dataset):
-    """Deterministic token sequences; the label is a function of the first token."""
-
-    def __init__(self, size: int = 32, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(0, 99, (size, SEQ_LEN), generator=generator)
-        self.labels = self.input_ids[:, 0] % 3
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
 
 def tiny_bert(seed: int = SEED) -> BertForSequenceClassification:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from conftest import METHOD_CASES, tiny_bert, vcon_config
+from conftest import METHOD_CASES, TinyTextDataset, tiny_bert, vcon_config
 from hf_vcon import (
     IncompatibleCheckpointError,
     NoTargetModulesError,
@@ -27,24 +27,6 @@ from hf_vcon import (
     save_merged,
     set_beta,
 )
-
-SEQ_LEN = 8
-
-
-class TinyTextDataset(torch.utils.data.Dataset):
-    """Deterministic random token sequences; the label is a function of the first token, so it can be learnt."""
-
-    def __init__(self, size: int = 32, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(0, 99, (size, SEQ_LEN), generator=generator)
-        self.labels = self.input_ids[:, 0] % 3
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
     defaults = dict(
