@@ -276,8 +276,21 @@ def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]
 
 
 # ----------------------------------------------------------------------------------------- lifecycle
+def require_transformers_5() -> None:
+    """Block-wise VCON needs transformers 5: 4.x records hidden states / attentions with hooks on every layer of
+    the block's class, which would record f and g both; the blend of those records is written for 5.x."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise VConError(
+            f"granularity='block' needs transformers >= 5 (installed: {transformers.__version__}); use "
+            "granularity='layer' (the default) or upgrade transformers."
+        )
+
+
 def apply_block_vcon(model: nn.Module, config: VConConfig) -> nn.Module:
     """Block-wise :func:`hf_vcon.apply_vcon` (called by it for ``granularity="block"``): checks, then mutates."""
+    require_transformers_5()
     blocks = resolve_blocks(model, config)
     compressor = get_compressor(config)
     for linears in blocks.values():

@@ -12,6 +12,7 @@ from transformers import BertForSequenceClassification
 from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
+import transformers
 from conftest import METHOD_CASES, build, logits, tiny_bert, tiny_inputs, vcon_config
 from hf_vcon import (
     NoTargetModulesError,
@@ -32,6 +33,10 @@ from hf_vcon import (
 )
 from reference import reference_compressed
 from test_core import AUTO_CLASSES, KINDS, _assert_compressed, as_linear_weight
+
+pytestmark = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="block-wise VCON needs transformers >= 5"
+)
 
 BLOCKS = {
     "bert": r"bert\.encoder\.layer\.\d+",

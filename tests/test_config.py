@@ -207,3 +207,14 @@ def test_config_is_not_mutated_by_apply():
     before = copy.deepcopy(config)
     apply_vcon(build("bert"), config)
     assert config == before
+
+
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) >= 5, reason="transformers 4.x only")
+def test_block_granularity_on_transformers_4_is_a_clear_error():
+    from hf_vcon import VConError
+
+    model = build("bert")
+    snapshot = _snapshot(model)
+    with pytest.raises(VConError, match=r"granularity='block' needs transformers >= 5"):
+        apply_vcon(model, VConConfig(method="binary", granularity="block", target_blocks=r"bert\.encoder\.layer\.\d+"))
+    _assert_unchanged(model, snapshot)
