@@ -4,8 +4,8 @@ BERT-base layer shapes (hidden 768, MLP 3072, 12 heads), a batch of 8 × 128 tok
 (forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
 alternates every repeat), so drift in a shared machine's load hits both; the table gives the median ratio over
 ``--repeats`` repeats after ``--warmup`` steps, with its spread (min–max). Peak training memory is measured in
-a fresh subprocess per variant (CPU: peak RSS above the RSS before the model is built; CUDA:
-``max_memory_allocated``). Then the inference latency of the exported low-rank model (``save_compressed`` →
+a fresh subprocess per variant (CPU: peak RSS above the RSS before the model is built, with glibc's mmap
+threshold fixed so freed tensors are returned at once; CUDA: ``max_memory_allocated``). Then the inference latency of the exported low-rank model (``save_compressed`` →
 ``load_compressed``) against the merged dense model, whole model and targeted layers alone.
 
     python benchmarks/overhead.py                       # CPU fp32, 2 layers
@@ -194,7 +194,10 @@ def measure_memory(args, name: str) -> int:
                "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
                "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                        os.environ.get("PYTHONPATH", "")])}
+                                                        os.environ.get("PYTHONPATH", "")]),
+           # A fixed mmap threshold makes glibc return every freed block >= 64 KiB at once, so peak RSS measures the
+           # live tensors rather than what the allocator keeps cached after raising its dynamic threshold.
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
