@@ -4,7 +4,8 @@ BERT-base layer shapes (hidden 768, MLP 3072, 12 heads), a batch of 8 × 128 tok
 (forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
 alternates every repeat), so drift in a shared machine's load hits both; the table gives the median ratio over
 ``--repeats`` repeats after ``--warmup`` steps, with its spread (min–max). Peak training memory is measured in
-a fresh subprocess per variant (CPU: peak RSS above the RSS before the model is built; CUDA:
+a fresh subprocess per variant (CPU: peak resident anonymous memory, sampled every millisecond, above its value
+before the model is built, with glibc's mmap threshold fixed so freed tensors are returned at once; CUDA:
 ``max_memory_allocated``). Then the inference latency of the exported low-rank model (``save_compressed`` →
 ``load_compressed``) against the merged dense model, whole model and targeted layers alone.
 
@@ -22,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--recompute-every", type=int, nargs="*", default=[10],
                         help="extra 'prune/binary transition' rows with VConConfig(recompute_every=k)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-timing", action="store_true", help="peak memory only")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -163,9 +164,31 @@ def time_pair(args, dense: Runner, other: Runner) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _anon_rss_bytes() -> int:
+    """Resident anonymous memory (tensors live here; file-backed library pages, which the kernel may page out and
+    back in at any time, do not count)."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("RssAnon:"))
+
+
+class _PeakSampler:
+    """Polls ``_anon_rss_bytes`` every millisecond on a thread; ``peak`` is the highest value seen."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = _anon_rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _anon_rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon_rss_bytes())
 
 
 def memory_child(args) -> None:
@@ -177,7 +200,8 @@ def memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = _anon_rss_bytes()
+        sampler = _PeakSampler()
     dense = build_dense(args)
     if name == "dense":
         runner = Runner(args, dense, vcon=False)
@@ -185,7 +209,7 @@ def memory_child(args) -> None:
         runner = vcon_runner(args, dense, name, int(every or 1), in_place=True)
     for _ in range(3):
         runner.step()
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
     print(json.dumps({"peak_bytes": peak - base}))
 
 
@@ -194,7 +218,10 @@ def measure_memory(args, name: str) -> int:
                "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
                "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                        os.environ.get("PYTHONPATH", "")])}
+                                                        os.environ.get("PYTHONPATH", "")]),
+           # A fixed mmap threshold makes glibc return every freed block >= 64 KiB at once, so peak RSS measures the
+           # live tensors rather than what the allocator keeps cached after raising its dynamic threshold.
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -275,9 +302,12 @@ def main(argv=None) -> None:
     print("| variant | step / dense (median) | spread (min–max) | dense step s | VCON step s | peak memory / dense | target (time) |")
     print("|---|---|---|---|---|---|---|")
     for name, every in rows:
-        runner = vcon_runner(args, dense_model, name, every)
-        result = time_pair(args, dense, runner)
-        del runner
+        if args.no_timing:
+            result = dict.fromkeys(["ratio", "min", "max", "dense_s", "vcon_s"], float("nan"))
+        else:
+            runner = vcon_runner(args, dense_model, name, every)
+            result = time_pair(args, dense, runner)
+            del runner
         label = name if every == 1 else f"{name}, recompute_every={every}"
         mem = "–"
         if not args.no_memory and every == 1:

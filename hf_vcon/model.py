@@ -329,7 +329,8 @@ def release_dense_paths(model: nn.Module, optimizer: Optional[torch.optim.Optimi
 
 def _drop_from_optimizer(optimizer, weights: list[torch.Tensor]) -> None:
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):  # accelerate's wrapper
+    # accelerate's AcceleratedOptimizer subclasses Optimizer but only wraps the real one, whose step runs the hooks
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
     for weight in weights:
         inner.state.pop(weight, None)

@@ -18,11 +18,12 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .checkpoint import verify_checkpoint
+from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
 from .export import model_card, save_merged, summary_from_state_dict
-from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, set_step, unwrap_model
+from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, release_dense_paths, set_step, unwrap_model
 from .summary import LayerSummary, VConSummary, vcon_summary
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -48,6 +49,7 @@ class VConCallback(TrainerCallback):
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
         self._summary_compressor = None
+        self._released = False
         self._last_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -111,6 +113,7 @@ class VConCallback(TrainerCallback):
             self.model = unwrap_model(model)
             self.summary = None
         self._last_step = None
+        self._released = False
         self.update(state.global_step, state.max_steps)
 
     # ------------------------------------------------------------------------------------------- β
@@ -121,8 +124,12 @@ class VConCallback(TrainerCallback):
             self._last_step = step
         return get_beta(self.model)
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.update(state.global_step, state.max_steps)
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        beta = self.update(state.global_step, state.max_steps)
+        if beta == 0.0 and not self._released and not get_vcon_state(self.model).blocks:
+            # Low-rank layers now compute only B(Ax): stop updating their dense W and drop its optimizer state.
+            release_dense_paths(self.model, optimizer)
+            self._released = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.update(state.global_step, state.max_steps)  # the model as it stands after the last update
@@ -245,6 +252,26 @@ class VConTrainer(Trainer):
         self._save_merged(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
+    def save_compressed(self, output_dir: Optional[str] = None) -> Optional[str]:
+        """Write the compact checkpoint of the compressed model (:func:`hf_vcon.save_compressed`: low-rank factors,
+        packed sign bits, values + bitmask) and the processing class to ``output_dir`` (default ``args.output_dir``).
+        ``hf_vcon.load_compressed(output_dir)`` loads it back. Returns the folder on the saving process.
+
+        Raises:
+            VConError: under FSDP / DeepSpeed, whose modules hold weight shards (use :meth:`save_model`).
+        """
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise VConError(
+                "save_compressed reads the modules' weights, which FSDP / DeepSpeed shard; save the merged model with "
+                "trainer.save_model() instead."
+            )
+        if not self.args.should_save:
+            return None
+        folder = save_compressed(self.model, output_dir or self.args.output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+        return folder
 
     def _full_state_dict(self) -> Optional[dict]:
         """The full state dict where modules hold shards (FSDP, DeepSpeed); every rank must call this."""

@@ -330,3 +330,46 @@ def test_failed_upload_keeps_the_local_folder_and_says_what_failed(tmp_path, fak
     with pytest.raises(VConError, match=r"Uploading .* to the Hub repo 'user/tiny-vcon' failed \(ConnectionError: network"):
         trainer.push_to_hub()
     assert all((tmp_path / path).read_bytes() == data for path, data in before.items())
+
+
+# ------------------------------------------------------------------------------- compact + release
+def test_trainer_releases_the_low_rank_dense_path_and_saves_compact(tmp_path):
+    from hf_vcon import load_compressed
+
+    trainer = make_trainer(tmp_path, VConConfig(method="lowrank", rank=4, transition_steps=3), max_steps=6)
+    trainer.train()
+    layers = get_vcon_state(trainer.model).layers
+    assert all(layer.dense_released and not layer.weight.requires_grad for layer in layers)
+    assert not any(layer.weight in trainer.optimizer.state for layer in layers)
+
+    folder = trainer.save_compressed(str(tmp_path / "compact"))
+    trainer.save_model(str(tmp_path / "merged"))
+    inputs = TinyTextDataset(4, seed=5).input_ids
+    with torch.no_grad():
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(input_ids=inputs).logits
+        compact = load_compressed(folder).eval()(input_ids=inputs).logits
+    torch.testing.assert_close(compact, merged, atol=1e-5, rtol=0)
+
+
+def test_release_does_not_change_training_of_the_compressed_path(tmp_path):
+    config = VConConfig(method="lowrank", rank=4, transition_steps=2)
+    released = make_trainer(tmp_path / "a", config, max_steps=5)
+    released.train()
+    kept = make_trainer(tmp_path / "b", config, max_steps=5)
+    kept.vcon_callback._released = True  # never release
+    kept.callback_handler.callbacks[0].on_train_begin = _keep_released(kept.vcon_callback)
+    kept.train()
+    for key, value in released.model.state_dict().items():
+        if "vcon_" in key or "base_layer" not in key:  # factors and untouched tensors train identically
+            torch.testing.assert_close(value, kept.model.state_dict()[key], atol=1e-6, rtol=0, msg=key)
+
+
+def _keep_released(callback):
+    original = callback.on_train_begin
+
+    def on_train_begin(*args, **kwargs):
+        result = original(*args, **kwargs)
+        callback._released = True
+        return result
+
+    return on_train_begin
