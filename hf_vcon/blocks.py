@@ -276,12 +276,13 @@ def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]
 
 
 # ----------------------------------------------------------------------------------------- lifecycle
-def require_transformers_5() -> None:
-    """Block-wise VCON needs transformers 5: 4.x records hidden states / attentions with hooks on every layer of
-    the block's class, which would record f and g both; the blend of those records is written for 5.x."""
+def require_transformers_5(model: nn.Module) -> None:
+    """Block-wise VCON of a transformers model needs transformers 5: 4.x records hidden states / attentions with
+    hooks on every layer of the block's class, which would record f and g both; the blend of those records is
+    written for 5.x. Plain ``nn.Module`` models have no such records."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if isinstance(model, transformers.PreTrainedModel) and int(transformers.__version__.split(".")[0]) < 5:
         raise VConError(
             f"granularity='block' needs transformers >= 5 (installed: {transformers.__version__}); use "
             "granularity='layer' (the default) or upgrade transformers."
@@ -290,7 +291,7 @@ def require_transformers_5() -> None:
 
 def apply_block_vcon(model: nn.Module, config: VConConfig) -> nn.Module:
     """Block-wise :func:`hf_vcon.apply_vcon` (called by it for ``granularity="block"``): checks, then mutates."""
-    require_transformers_5()
+    require_transformers_5(model)
     blocks = resolve_blocks(model, config)
     compressor = get_compressor(config)
     for linears in blocks.values():
