@@ -300,6 +300,14 @@ class VConTrainer(Trainer):
                 VConWarning,
                 stacklevel=3,
             )
+        current = get_vcon_state(self.model).layers[0].compressor.config.sparsity
+        if self.vcon_config.transition == "gmp" and current < self.vcon_config.sparsity:
+            warnings.warn(
+                f"Saving a gradual-magnitude-pruning model mid-ramp: it is {current:.4g} sparse, not the "
+                f"sparsity={self.vcon_config.sparsity} it is being pruned to. Train past transition_steps first.",
+                VConWarning,
+                stacklevel=3,
+            )
         os.makedirs(output_dir, exist_ok=True)
         self.vcon_summary = save_merged(self.model, output_dir, state_dict=state_dict)
         if self.processing_class is not None:

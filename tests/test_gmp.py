@@ -96,3 +96,25 @@ def test_trainer_logs_the_rising_sparsity(tmp_path):
     # the log at step k reflects the model after update k, whose mask the next set_step (step k) recomputes
     assert logged[0] < logged[1] < logged[2] < 0.8 and logged[-1] == pytest.approx(0.8, abs=1e-3)
     assert all(entry.get("vcon/beta", 0.0) == 0.0 for entry in trainer.state.log_history)
+
+
+def test_saving_a_gmp_model_mid_ramp_warns(tmp_path):
+    import warnings as warnings_module
+
+    from hf_vcon import VConWarning
+
+    data = [{"input_ids": torch.randint(0, 99, (7,)), "labels": torch.tensor(i % 3)} for i in range(16)]
+
+    def trained(max_steps):
+        args = TrainingArguments(str(tmp_path / str(max_steps)), max_steps=max_steps, per_device_train_batch_size=2,
+                                 report_to=[], save_strategy="no", use_cpu=True)
+        trainer = VConTrainer(model=tiny_bert(), args=args, train_dataset=data,
+                              vcon_config=VConConfig(method="prune", sparsity=0.8, transition="gmp", transition_steps=4))
+        trainer.train()
+        return trainer
+
+    with pytest.warns(VConWarning, match=r"mid-ramp: it is 0\.\d+ sparse, not the sparsity=0.8"):
+        trained(2).save_model()
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error", VConWarning)
+        trained(5).save_model()  # past the ramp: no warning
