@@ -25,18 +25,6 @@ from .errors import VConError
 LinearLike = Union[nn.Linear, Conv1D]
 
 
-class _StraightThroughBlend(torch.autograd.Function):
-    """``lerp(W, C, 1−β)`` whose gradient reaches W unchanged: C(W) is treated as W for backprop (STE)."""
-
-    @staticmethod
-    def forward(ctx, latent: torch.Tensor, compressed: torch.Tensor, weight_of_compressed: float) -> torch.Tensor:
-        return torch.lerp(latent, compressed, weight_of_compressed)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, None, None
-
-
 class _StraightThroughLinear(torch.autograd.Function):
     """``F.linear(x, blend(W, state, β), b)`` whose weight gradient reaches W unchanged (STE).
 
@@ -184,21 +172,15 @@ class VConLinear(nn.Module):
         with torch.no_grad():
             return self.compressor.compressed_weight(self.latent_weight(), self.compressed_params())
 
-    def effective_weight(self) -> torch.Tensor:
-        """β·W + (1−β)·C ``(out, in)``, differentiable as VCON trains it."""
-        latent, params = self.latent_weight(), self.compressed_params()
-        if self.compressor.straight_through:
-            return _StraightThroughBlend.apply(latent, self.compressed_weight(), 1.0 - self.beta)
-        return torch.lerp(latent, self.compressor.compressed_weight(latent, params), 1.0 - self.beta)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self.compressed_params()
         if self.beta == 1.0:  # f alone
-            return _keep_in_graph(self.base_layer(x), list(params.values()) if self.training else [])
+            unused = list(self.compressed_params().values()) if self.training else []
+            return _keep_in_graph(self.base_layer(x), unused)
         if self.compressor.straight_through:  # β·W + (1−β)·C(W), one matmul, gradient straight through to W
             return _StraightThroughLinear.apply(
                 x, self.latent_weight(), self.bias, self.compression_state(), self.compressor, self.beta
             )
+        params = self.compressed_params()
         if self.beta == 0.0:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
             output = self.compressor.compressed_forward(x, self.latent_weight(), params, self.bias)
             return _keep_in_graph(output, [self.weight] if self.training else [])

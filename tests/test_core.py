@@ -123,7 +123,8 @@ def test_gradients_match_the_method(method, setting, conv1d, beta):
 
     if layer.compressor.straight_through:
         # Straight-through: W receives exactly the gradient of the effective weight.
-        w_eff = layer.effective_weight().detach().requires_grad_(True)
+        latent = layer.latent_weight().detach()
+        w_eff = (beta * latent + (1 - beta) * reference_compressed(latent, layer.compressor.config)).requires_grad_(True)
         x_ref = x.detach().requires_grad_(True)
         (F.linear(x_ref, w_eff, layer.bias.detach()) * upstream).sum().backward()
         torch.testing.assert_close(_oriented_grad(layer), w_eff.grad)
