@@ -115,7 +115,7 @@ def dense_model(task, args) -> tuple[dict, float]:
 
 
 def vcon_config(method: str, arm: str, q: float, args) -> VConConfig:
-    options = {"sparsity": args.sparsity} if method == "prune" else {"rank_ratio": args.rank_ratio} if method == "lowrank" else {}
+    options = compression_setting(method, args)
     if arm == "post-shot":
         return VConConfig(method=method, transition_steps=0, **options)
     if arm == "gmp":
@@ -152,13 +152,21 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args) 
     return {"task": task.name, "method": method, "arm": arm, "q": q if arm != "post-shot" else 0.0, "seed": seed,
             "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
             "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
+            **compression_setting(method, args),
             "test_accuracy": final["test_accuracy"], "final_beta": trainer.vcon_callback.log_values()["vcon/beta"],
             "train_seconds": round(seconds, 1), "curve": curve(trainer.state.log_history)}
 
 
+def compression_setting(method: str, args) -> dict:
+    """The flag that sets how hard ``method`` compresses (kept with every run, part of its key)."""
+    return {"sparsity": args.sparsity} if method == "prune" else {"rank_ratio": args.rank_ratio} if method == "lowrank" else {}
+
+
 def run_key(record: dict) -> tuple:
+    setting = record.get("sparsity", 0.9) if record["method"] == "prune" else record.get("rank_ratio", 1 / 12)
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
-            record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""))
+            record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
+            round(setting, 6) if record["method"] != "binary" else None)
 
 
 def main(argv=None) -> None:
@@ -197,7 +205,7 @@ def main(argv=None) -> None:
             for method, arm, q in plan:
                 probe = {"task": task_name, "method": method, "arm": arm, "q": q, "seed": seed,
                          "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-                         "lr_scheduler": args.lr_scheduler, "tag": args.tag}
+                         "lr_scheduler": args.lr_scheduler, "tag": args.tag, **compression_setting(method, args)}
                 record = done.get(run_key(probe))
                 if record is None and args.report_only:
                     continue
@@ -213,7 +221,8 @@ def main(argv=None) -> None:
             continue
         dense_accuracy = records[0]["dense_accuracy"]
         header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                  f"AdamW lr {args.lr} ({args.lr_scheduler}), "
+                  f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
+                  f"lowrank rank_ratio {args.rank_ratio:.4g}, "
                   f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
         if sweep:
             write_q_sweep(records, dense_accuracy, args.out, task_name, header)

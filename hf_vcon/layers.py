@@ -35,14 +35,16 @@ class _StraightThroughLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, latent, bias, state, compressor: Compressor, beta: float):
         ctx.compressor, ctx.beta, ctx.has_bias = compressor, beta, bias is not None
-        ctx.save_for_backward(x, latent, state)
+        ctx.state = state  # a number or a small tensor computed without autograd: neither input nor output
+        ctx.save_for_backward(x, latent)
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, latent, state = ctx.saved_tensors
+        x, latent = ctx.saved_tensors
+        state = ctx.state
         grad_x = grad_weight = grad_bias = None
         dtype = grad_output.dtype  # under autocast the forward matmul ran in a lower precision
         if ctx.needs_input_grad[0]:
@@ -92,8 +94,9 @@ class VConLinear(nn.Module):
         self.beta = 1.0
         self.optimizer_step: Optional[int] = None  # set by hf_vcon.set_step; keys the compression-state cache
         self.dense_released = False  # set by hf_vcon.release_dense_paths
-        self._state: Optional[torch.Tensor] = None
+        self._state = None
         self._state_key: Optional[tuple] = None
+        self._state_memo: dict = {}  # the compressor's hints from one step to the next
         trainable = base_layer.weight.requires_grad
         for key, tensor in compressor.init_params(self.latent_weight()).items():
             self.register_parameter(f"vcon_{key}", nn.Parameter(tensor, requires_grad=trainable))
@@ -147,8 +150,8 @@ class VConLinear(nn.Module):
             )
         self.beta = float(beta)
 
-    def compression_state(self) -> torch.Tensor:
-        """What C(W) needs besides W (prune: keep-mask; binary: scale), cached for one optimizer step.
+    def compression_state(self):
+        """What C(W) needs besides W (prune: the cut or keep-mask; binary: scale), cached for one optimizer step.
 
         The cache is keyed on the optimizer step given by :func:`hf_vcon.set_step` and on W's version counter
         (every in-place update of W, as optimizers make, bumps it), so micro-batches of one accumulation window
@@ -163,7 +166,7 @@ class VConLinear(nn.Module):
             key = ("version", self.optimizer_step, weight._version, weight.data_ptr(), id(self.compressor))
         if self._state is None or self._state_key != key:
             with torch.no_grad():
-                self._state = self.compressor.compression_state(weight.detach())
+                self._state = self.compressor.compression_state(weight.detach(), self._state_memo)
             self._state_key = key
         return self._state
 

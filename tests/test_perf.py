@@ -39,14 +39,57 @@ def test_selection_mask_keeps_exact_count_and_breaks_ties_by_position(shape, kee
         assert np.array_equal(_keep_largest(scores, keep).numpy(), expected)
 
 
+def _pruner(sparsity: float):
+    return _layer("prune", {"sparsity": sparsity}).compressor
+
+
+def _kept_by(state, weight: torch.Tensor) -> torch.Tensor:
+    return weight.abs() > state if isinstance(state, float) else state
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.5, 0.3])
+def test_training_cut_gives_the_exact_mask_step_after_step(sparsity):
+    """The banded selection (hinted by the previous cut) and λ reproduce the full selection exactly, whether the
+    cut moved a little (band), a lot (full selection again) or sits on a tie (mask)."""
+    pruner, memo = _pruner(sparsity), {}
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 80, generator=generator)
+    moves = [1e-4, 1e-3, 1e-4, 0.3, 1e-5, 0.0, 1e-3]
+    for move in moves:
+        weight += move * torch.randn(weight.shape, generator=generator)
+        state = pruner.compression_state(weight, memo)
+        assert isinstance(state, float)  # continuous weights: no tie, no mask kept
+        assert torch.equal(_kept_by(state, weight), pruner.mask(weight))
+        assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
+        expected = torch.where(pruner.mask(weight), weight, 0.25 * weight)
+        torch.testing.assert_close(pruner.blend(weight, state, 0.25), expected, rtol=1e-6, atol=0)
+    quantized = torch.randint(-3, 4, (96, 80), generator=generator).float()  # ties straddle the cut
+    state = pruner.compression_state(quantized, memo)
+    assert isinstance(state, torch.Tensor) and state.dtype == torch.bool
+    assert torch.equal(state, pruner.mask(quantized))
+    assert int(state.sum()) == quantized.numel() - round(quantized.numel() * sparsity)
+
+
+def test_training_cut_uses_the_band_not_a_full_selection(monkeypatch):
+    pruner, memo = _pruner(0.9), {}
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    pruner.compression_state(weight, memo)
+    band_sizes = []
+    original = torch.Tensor.kthvalue
+    monkeypatch.setattr(torch.Tensor, "kthvalue", lambda self, *a, **k: band_sizes.append(self.numel()) or
+                        original(self, *a, **k))
+    pruner.compression_state(weight + 1e-4 * torch.randn(64, 64), memo)
+    assert len(band_sizes) == 1 and band_sizes[0] < weight.numel() // 20
+
+
 # -------------------------------------------------------------------------------------------- cache
 def _count_state_calls(layer: VConLinear) -> list[int]:
     calls = [0]
     original = layer.compressor.compression_state
 
-    def counting(weight):
+    def counting(weight, memo=None):
         calls[0] += 1
-        return original(weight)
+        return original(weight, memo)
 
     layer.compressor.compression_state = counting
     return calls

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,16 +85,17 @@ class Compressor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training speed (straight-through)
-    def compression_state(self, weight: torch.Tensor) -> torch.Tensor:
+    def compression_state(self, weight: torch.Tensor, memo: Optional[dict] = None) -> Any:
         """What C(W) needs besides W itself, computed without autograd; must not mutate W.
 
         The layer caches it for one optimizer step (micro-batches of one accumulation window and gradient-
-        checkpoint recomputation reuse it), so it should be small: a boolean keep-mask, a scale. The default is C
-        itself, which is correct for any compression but costs a full copy of W.
+        checkpoint recomputation reuse it), so it should be small: a threshold, a boolean keep-mask, a scale. The
+        default is C itself, which is correct for any compression but costs a full copy of W. ``memo`` is a dict
+        the layer keeps across steps, for hints that make the next computation cheaper (never for the result).
         """
         return self.compressed_weight(weight, {})
 
-    def blend(self, weight: torch.Tensor, state: torch.Tensor, beta: float) -> torch.Tensor:
+    def blend(self, weight: torch.Tensor, state: Any, beta: float) -> torch.Tensor:
         """β·W + (1−β)·C ``(out, in)`` from W and :meth:`compression_state`; no autograd, nothing mutated.
 
         Straight-through layers call this in forward and again in backward instead of saving the result, so it

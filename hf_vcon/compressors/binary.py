@@ -22,7 +22,7 @@ class Binarizer(Compressor):
             return torch.linalg.vector_norm(weight, ord=1, dim=1, keepdim=True) / weight.shape[1]
         return torch.linalg.vector_norm(weight, ord=1) / weight.numel()
 
-    def compression_state(self, weight):
+    def compression_state(self, weight, memo=None):
         return self.scale(weight)
 
     def blend(self, weight, state, beta):

