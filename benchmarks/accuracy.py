@@ -225,7 +225,8 @@ def main(argv=None) -> None:
                   f"lowrank rank_ratio {args.rank_ratio:.4g}, "
                   f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
         if sweep:
-            write_q_sweep(records, dense_accuracy, args.out, task_name, header)
+            name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
+            write_q_sweep(records, dense_accuracy, args.out, task_name, header + f"; {args.schedule} β", name)
         else:
             write_table(records, dense_accuracy, args.out, task_name, header, args.transition, args.schedule)
 

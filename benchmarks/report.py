@@ -98,17 +98,26 @@ def plot_curves(records: list[dict], out: str, task: str, dense: float) -> None:
     plt.close(figure)
 
 
-def write_q_sweep(records: list[dict], dense: float, out: str, task: str, header: str) -> None:
+def write_q_sweep(records: list[dict], dense: float, out: str, task: str, header: str, name: str) -> None:
+    """Accuracy against Q (the paper's Figure 4) and the paired gain of each Q over post-shot (Q = 0).
+
+    ``name`` tells sweeps apart (budget, schedule, learning rate): it keys the Markdown section and the PNG.
+    """
     by_q = defaultdict(lambda: defaultdict(list))  # method -> q -> [acc]
+    by_seed = defaultdict(dict)  # (method, q) -> {seed: acc}
     for record in records:
         by_q[record["method"]][record["q"]].append(record["test_accuracy"])
+        by_seed[(record["method"], record["q"])][record["seed"]] = record["test_accuracy"]
     lines = [f"**{task}** — {header}. Test accuracy (%) of the compressed model against Q (fraction of the run; "
-             "0 = post-shot), mean ± std over seeds.", ""]
+             "0 = post-shot), mean ± std over seeds; then the per-seed paired gain of each Q over post-shot.", ""]
     qs = sorted({record["q"] for record in records})
     lines += ["| method | " + " | ".join(f"Q = {q:g}" for q in qs) + " |", "|---|" + "---|" * len(qs)]
     for method, values in by_q.items():
         lines.append(f"| {method} | " + " | ".join(_pm(values.get(q, [])) for q in qs) + " |")
-    _section(os.path.join(out, "q_sweep.md"), f"q_sweep {task} {records[0]['steps']}", "\n".join(lines) + "\n")
+        if 0.0 in values:
+            lines.append(f"| gain over post-shot | — | " + " | ".join(
+                _paired_gain(by_seed[(method, q)], by_seed[(method, 0.0)]) for q in qs if q) + " |")
+    _section(os.path.join(out, "q_sweep.md"), f"q_sweep {task} {name}", "\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -123,8 +132,8 @@ def write_q_sweep(records: list[dict], dense: float, out: str, task: str, header
     axis.axhline(100 * dense, color="black", lw=0.8, ls=":", label="dense")
     axis.set_xlabel("transition length Q (fraction of the run)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_title(f"{task}: accuracy vs Q ({records[0]['steps']} steps)")
+    axis.set_title(f"{task}: accuracy vs Q ({name})", fontsize=9)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(os.path.join(out, f"q_sweep_{task}_{records[0]['steps']}.png"))
+    figure.savefig(os.path.join(out, f"q_sweep_{task}_{name.replace(' ', '_')}.png"))
     plt.close(figure)

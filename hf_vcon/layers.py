@@ -54,6 +54,7 @@ class _StraightThroughLinear(torch.autograd.Function):
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_2d.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(latent.dtype)  # (out, in)
+            grad_weight = ctx.compressor.weight_gradient(grad_weight, latent, state)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(dim=0).to(latent.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None

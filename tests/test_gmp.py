@@ -72,6 +72,28 @@ def test_set_step_gives_the_exact_sparsity_at_chosen_steps(pattern):
         torch.testing.assert_close(model(x), x @ model[0].compressed_weight().T + model[0].bias)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["threshold-state", "tie-mask-state"])
+@pytest.mark.parametrize("transition", ["gmp", "vcon"])
+def test_gmp_pruned_weights_get_no_gradient_while_vcon_passes_it_straight_through(transition, quantized):
+    """Zhu & Gupta's pruned weights are frozen; VCON's (and post-shot's) latent W receives the full gradient."""
+    torch.manual_seed(0)
+    model = apply_vcon(nn.Sequential(nn.Linear(30, 8)),
+                       VConConfig(method="prune", sparsity=0.7, transition=transition, transition_steps=0))
+    layer = model[0].train()
+    if quantized:  # ties straddle the cut: the layer's state is a mask, not a threshold
+        with torch.no_grad():
+            layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape).float())
+    set_step(model, 3)
+    x = torch.randn(5, 30)
+    model(x).square().sum().backward()
+    kept = layer.compressed_weight() != 0 if not quantized else layer.compressor.mask(layer.weight)
+    output = x @ layer.compressed_weight().T + layer.bias
+    full = (2 * output).T @ x  # dL/dW_eff for L = sum(output²)
+    expected = full * kept if transition == "gmp" else full
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-5)
+    assert bool((layer.weight.grad[~kept] == 0).all()) == (transition == "gmp")
+
+
 def test_gmp_fraction_resolves_against_max_steps_and_merges_at_full_sparsity():
     torch.manual_seed(0)
     model = apply_vcon(nn.Sequential(nn.Linear(40, 10)),

@@ -103,6 +103,10 @@ class Compressor:
         """
         return torch.lerp(weight, state, 1.0 - beta)
 
+    def weight_gradient(self, grad: torch.Tensor, weight: torch.Tensor, state: Any) -> torch.Tensor:
+        """The gradient W receives, from the gradient of the effective weight: unchanged (straight-through)."""
+        return grad
+
     # --------------------------------------------------------- training speed (own trainable tensors)
     def blended_forward(
         self,

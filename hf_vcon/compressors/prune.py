@@ -121,6 +121,13 @@ class MagnitudePruner(Compressor):
             return _keep_largest(weight.abs().view(1, -1), keep, value.view(1, 1)).view(weight.shape)
         return float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
 
+    def weight_gradient(self, grad, weight, state):
+        """Straight-through (pruned weights keep learning and can come back), except for gradual magnitude pruning,
+        whose pruned weights get no gradient, as in Zhu & Gupta (2017)."""
+        if self.config.transition != "gmp":
+            return grad
+        return grad * state if isinstance(state, torch.Tensor) else torch.where(weight.abs() > state, grad, 0.0)
+
     def blend(self, weight, state, beta):
         pruned = weight * state if isinstance(state, torch.Tensor) else F.hardshrink(weight, state)
         if beta == 0.0:
