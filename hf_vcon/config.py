@@ -95,7 +95,7 @@ class VConConfig:
         rank: lowrank only; the absolute rank r of every targeted layer. Give exactly one of rank and rank_ratio.
         rank_ratio: lowrank only; r as a fraction in (0, 1) of ``min(in_features, out_features)`` of each layer.
         binary_scale: binary only; ``"tensor"`` (one mean|W| per weight) or ``"channel"`` (one per output row).
-        recompute_every: prune and binary; recompute what C(W) needs besides W (the keep-mask, the scale) every
+        recompute_every: prune and binary; recompute what C(W) needs besides W (the pruning cut, the scale) every
             this many optimizer steps. 1 (the default, as the paper) recomputes it once per optimizer step, never
             per micro-batch; k > 1 trades freshness of the mask/scale for speed (``benchmarks/overhead.py``
             shows the cost) and needs the step from :func:`hf_vcon.set_step` (the trainer calls it).

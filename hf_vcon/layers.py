@@ -5,7 +5,7 @@ For a linear layer the blend of outputs is a blend of weights (the bias is share
 never two forward passes, and never swaps ``weight.data``.
 
 Cost (see ``benchmarks/overhead.py``): for straight-through compressions (prune, binary) what C needs besides W
-(the keep-mask, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
+(the pruning cut or keep-mask, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
 backward instead of being kept alive between forward and backward. Once β = 0 a low-rank layer computes only
 ``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
 """

@@ -119,12 +119,18 @@ def test_recompute_every_k_steps():
     layer = model[0].train()
     calls = _count_state_calls(layer)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(7):
+    for step in range(3, 10):  # β < 1 from the first step on: every step uses the compressed path
         set_step(model, step)
-        model(torch.randn(3, 16)).square().sum().backward()
+        if step % 3 == 0:
+            mask = layer.compressor.mask(layer.weight)
+        x = torch.randn(3, 16)
+        # between refreshes the mask of the last refresh holds, at the exact sparsity, on the moving W
+        blended = torch.where(mask, layer.weight, layer.beta * layer.weight)
+        torch.testing.assert_close(model(x), x @ blended.T + layer.bias)
+        model(x).square().sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert calls[0] == 3  # steps 0, 3, 6
+    assert calls[0] == 3  # steps 3, 6, 9
 
 
 def test_recompute_every_is_validated():

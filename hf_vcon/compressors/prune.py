@@ -99,6 +99,8 @@ class MagnitudePruner(Compressor):
     def compression_state(self, weight, memo=None):
         """λ (a float: C keeps |W| > λ) for a per-layer cut without a straddling tie, else the boolean mask.
 
+        With ``recompute_every > 1`` it is always the mask: the kept set, not the cut, holds until the next refresh.
+
         ``memo`` (one dict per layer, kept across steps) remembers the previous cut and how far it moved.
         """
         if self.config.prune_pattern != "layer" or memo is None:
@@ -117,7 +119,8 @@ class MagnitudePruner(Compressor):
         cut = float(value)
         moved = abs(cut - memo["cut"]) if "cut" in memo else 0.0
         memo["cut"], memo["width"] = cut, max(3.0 * moved, 1e-3 * cut)
-        if reaching != keep:  # a tie straddles the cut: resolved by position, in a mask
+        if reaching != keep or self.config.recompute_every > 1:
+            # a tie straddles the cut (resolved by position), or the kept set must outlive this W: a mask
             return _keep_largest(weight.abs().view(1, -1), keep, value.view(1, 1)).view(weight.shape)
         return float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
 
