@@ -38,4 +38,6 @@ def test_accuracy_benchmark_runs_every_arm_and_writes_table_and_pictures(tmp_pat
     accuracy.main(common + ["--methods", "binary", "--q_sweep", "0,0.2,0.5"])
     records = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
     assert len(records) == 10 + 2
-    assert (tmp_path / "q_sweep.md").exists() and (tmp_path / "q_sweep_vision_8.png").exists()
+    sweep = (tmp_path / "q_sweep.md").read_text()
+    assert "q_sweep vision 8 steps linear lr 0.001" in sweep and "| gain over post-shot | — |" in sweep
+    assert (tmp_path / "q_sweep_vision_8_steps_linear_lr_0.001.png").exists()
