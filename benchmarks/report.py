@@ -25,7 +25,8 @@ def _paired_gain(by_seed_a: dict, by_seed_b: dict) -> str:
     if not seeds:
         return "—"
     gains = [by_seed_a[s] - by_seed_b[s] for s in seeds]
-    return f"{'+' if np.mean(gains) >= 0 else ''}{_pm(gains)}"
+    wins = f", better on {sum(g > 0 for g in gains)}/{len(gains)}" if len(gains) > 1 else ""
+    return f"{'+' if np.mean(gains) >= 0 else ''}{_pm(gains)}{wins}"
 
 
 def _section(path: str, marker: str, body: str) -> None:
@@ -48,7 +49,8 @@ def write_table(records: list[dict], dense: float, out: str, task: str, header: 
         accuracy[(record["method"], record["arm"])][record["seed"]] = record["test_accuracy"]
     methods = list(dict.fromkeys(record["method"] for record in records))
     lines = [f"**{task}** — {header}; Q = {q:g} of the run ({schedule} β). Test accuracy (%) of the compressed "
-             "model after the last step, mean ± std over seeds; gains are per-seed paired differences.", "",
+             "model after the last step, mean ± std over seeds; gains are per-seed paired differences, with the "
+             "number of seeds on which VCON is better.", "",
              "| method | dense | post-shot | VCON | GMP | gain VCON − post-shot | gain VCON − GMP |",
              "|---|---|---|---|---|---|---|"]
     for method in methods:
