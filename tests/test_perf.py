@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import build, tiny_inputs, vcon_config
 from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_dense_paths, set_beta, set_step
-from hf_vcon.compressors.prune import _keep_largest
+from hf_vcon.compressors.prune import Cut, _keep_largest
 from reference import _keep_largest_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,8 +43,6 @@ def _pruner(sparsity: float):
     return _layer("prune", {"sparsity": sparsity}).compressor
 
 
-def _kept_by(state, weight: torch.Tensor) -> torch.Tensor:
-    return weight.abs() > state if isinstance(state, float) else state
 
 
 @pytest.mark.parametrize("sparsity", [0.9, 0.5, 0.3])
@@ -58,16 +56,18 @@ def test_training_cut_gives_the_exact_mask_step_after_step(sparsity):
     for move in moves:
         weight += move * torch.randn(weight.shape, generator=generator)
         state = pruner.compression_state(weight, memo)
-        assert isinstance(state, float)  # continuous weights: no tie, no mask kept
-        assert torch.equal(_kept_by(state, weight), pruner.mask(weight))
+        assert isinstance(state, Cut)  # no full-size mask kept
+        assert torch.equal(state.kept(weight), pruner.mask(weight))
         assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
         expected = torch.where(pruner.mask(weight), weight, 0.25 * weight)
         torch.testing.assert_close(pruner.blend(weight, state, 0.25), expected, rtol=1e-6, atol=0)
     quantized = torch.randint(-3, 4, (96, 80), generator=generator).float()  # ties straddle the cut
-    state = pruner.compression_state(quantized, memo)
-    assert isinstance(state, torch.Tensor) and state.dtype == torch.bool
-    assert torch.equal(state, pruner.mask(quantized))
-    assert int(state.sum()) == quantized.numel() - round(quantized.numel() * sparsity)
+    for weight in (quantized, quantized.t().contiguous().t()):  # row-major and transposed (Conv1D) storage
+        state = pruner.compression_state(weight, memo)
+        assert isinstance(state, Cut) and state.dropped is not None
+        assert torch.equal(state.kept(weight), pruner.mask(weight))
+        assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
+        assert int(state.kept(weight).sum()) == weight.numel() - round(weight.numel() * sparsity)
 
 
 def test_training_cut_uses_the_band_not_a_full_selection(monkeypatch):

@@ -6,15 +6,16 @@ selection (``kthvalue``, linear time) rather than a sort; a tie straddling the c
 
 During training (per-layer pattern) the cut moves little from one optimizer step to the next, so the selection
 runs only on the weights near the previous cut (:func:`_keep_threshold_near`), with a full selection when the
-cut has left that band: the same mask, found ~4× faster. When no tie straddles the cut, the training state is
-not a mask but one number λ, the cut itself: C = hardshrink(W, λ) keeps exactly the weights with |W| > λ, so no
-full-size mask is stored and C is built in one fused pass.
+cut has left that band: the same mask, found ~4× faster. The training state is not a mask but a :class:`Cut`:
+the number λ with C = hardshrink(W, λ) (exactly the weights with |W| > λ), plus the few positions tied at the cut
+that the position rule prunes (ties at the cut are common in large fp32 layers). No full-size mask is stored and
+C is built in one fused pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,27 @@ def _keep_threshold_near(weight: torch.Tensor, keep: int, guess: float, width: f
     return value, above + int(torch.count_nonzero(band >= value))
 
 
+class Cut(NamedTuple):
+    """A per-layer pruning cut: C keeps the weights with |W| > ``lambd``, except the positions in ``dropped``
+    (``(rows, cols)``: weights tied at the cut that the position rule prunes). No full-size mask is stored, and
+    C is built in one fused pass (``hardshrink``)."""
+
+    lambd: float
+    dropped: Optional[tuple] = None
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        pruned = F.hardshrink(weight, self.lambd)
+        if self.dropped is not None:
+            pruned[self.dropped] = 0.0
+        return pruned
+
+    def kept(self, weight: torch.Tensor) -> torch.Tensor:
+        kept = weight.abs() > self.lambd
+        if self.dropped is not None:
+            kept[self.dropped] = False
+        return kept
+
+
 def kept_count(total: int, sparsity: float) -> int:
     """How many of ``total`` weights survive ``sparsity``: ``total − round(total·sparsity)``."""
     return total - round(total * sparsity)
@@ -97,10 +119,9 @@ class MagnitudePruner(Compressor):
         return _keep_largest(groups, keep).view(weight.shape)
 
     def compression_state(self, weight, memo=None):
-        """λ (a float: C keeps |W| > λ) for a per-layer cut without a straddling tie, else the boolean mask.
+        """A :class:`Cut` for a per-layer pattern, else the boolean mask.
 
         With ``recompute_every > 1`` it is always the mask: the kept set, not the cut, holds until the next refresh.
-
         ``memo`` (one dict per layer, kept across steps) remembers the previous cut and how far it moved.
         """
         if self.config.prune_pattern != "layer" or memo is None:
@@ -108,6 +129,19 @@ class MagnitudePruner(Compressor):
         weight, keep = weight.detach(), kept_count(weight.numel(), self.config.sparsity)
         if not 0 < keep < weight.numel():
             return self.mask(weight)
+        value, reaching = self._find_cut(weight, keep, memo)
+        if self.config.recompute_every > 1:
+            return _keep_largest(weight.abs().reshape(1, -1), keep, value.view(1, 1)).view(weight.shape)
+        lambd = float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
+        if reaching == keep:
+            return Cut(lambd)
+        # a tie straddles the cut: the earliest tied positions are kept, the later ones pruned
+        tied = torch.nonzero(weight.abs() == value)  # (n, 2), in row-major order
+        return Cut(lambd, tied[keep - (reaching - tied.shape[0]):].unbind(1))
+
+    @staticmethod
+    def _find_cut(weight: torch.Tensor, keep: int, memo: dict) -> tuple:
+        """The keep-th largest |W| (a 0-d tensor) and how many |W| reach it; near the previous cut when it can."""
         found = None
         if "cut" in memo:
             found = _keep_threshold_near(weight, keep, memo["cut"], memo["width"])
@@ -115,24 +149,20 @@ class MagnitudePruner(Compressor):
             scores = weight.abs().reshape(-1)
             value = scores.kthvalue(scores.numel() - keep + 1).values
             found = value, int(torch.count_nonzero(scores >= value))
-        value, reaching = found
-        cut = float(value)
+        cut = float(found[0])
         moved = abs(cut - memo["cut"]) if "cut" in memo else 0.0
         memo["cut"], memo["width"] = cut, max(3.0 * moved, 1e-3 * cut)
-        if reaching != keep or self.config.recompute_every > 1:
-            # a tie straddles the cut (resolved by position), or the kept set must outlive this W: a mask
-            return _keep_largest(weight.abs().view(1, -1), keep, value.view(1, 1)).view(weight.shape)
-        return float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
+        return found
 
     def weight_gradient(self, grad, weight, state):
         """Straight-through (pruned weights keep learning and can come back), except for gradual magnitude pruning,
         whose pruned weights get no gradient, as in Zhu & Gupta (2017)."""
         if self.config.transition != "gmp":
             return grad
-        return grad * state if isinstance(state, torch.Tensor) else torch.where(weight.abs() > state, grad, 0.0)
+        return grad * (state.kept(weight) if isinstance(state, Cut) else state)
 
     def blend(self, weight, state, beta):
-        pruned = weight * state if isinstance(state, torch.Tensor) else F.hardshrink(weight, state)
+        pruned = state.apply(weight) if isinstance(state, Cut) else weight * state
         if beta == 0.0:
             return pruned
         return pruned.mul_(1.0 - beta).add_(weight, alpha=beta)  # kept: W; pruned: β·W
