@@ -5,7 +5,7 @@ For a linear layer the blend of outputs is a blend of weights (the bias is share
 never two forward passes, and never swaps ``weight.data``.
 
 Cost (see ``benchmarks/overhead.py``): for straight-through compressions (prune, binary) what C needs besides W
-(the pruning cut or keep-mask, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
+(the pruning cut, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
 backward instead of being kept alive between forward and backward. Once β = 0 a low-rank layer computes only
 ``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
 """
@@ -35,7 +35,7 @@ class _StraightThroughLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, latent, bias, state, compressor: Compressor, beta: float):
         ctx.compressor, ctx.beta, ctx.has_bias = compressor, beta, bias is not None
-        ctx.state = state  # a number or a small tensor computed without autograd: neither input nor output
+        ctx.state = state  # a cut, mask or scale computed without autograd: neither an input nor an output
         ctx.save_for_backward(x, latent)
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
