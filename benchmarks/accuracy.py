@@ -39,7 +39,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_vcon import VConConfig, VConTrainer  # noqa: E402
-from report import write_q_sweep, write_table  # noqa: E402
+from report import plot_regimes, write_q_sweep, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_max_length", type=int, default=32, help="tokens per snippet (mean is 27)")
     parser.add_argument("--q_sweep", default="", help="comma list of Q fractions: VCON at each (paper Fig. 4)")
     parser.add_argument("--no_gmp", action="store_true", help="skip the GMP arm")
+    parser.add_argument("--regimes", action="store_true",
+                        help="train nothing: draw regimes_<task>.png, VCON's gain over post-shot against Q for every "
+                             "budget, schedule and lr in results.jsonl")
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: redraw the tables and pictures from the runs already in results.jsonl")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -184,6 +187,11 @@ def main(argv=None) -> None:
     methods = args.methods.split(",")
     sweep = [float(q) for q in args.q_sweep.split(",")] if args.q_sweep else []
     base = {key: getattr(args, key) for key in DEFAULTS["vision"]}
+    if args.regimes:
+        for task_name in args.task.split(","):
+            runs = [record for record in done.values() if record["task"] == task_name]
+            print(plot_regimes(runs, args.out, task_name) if runs else f"[{task_name}] no runs in {results_path}")
+        return
     for task_name in args.task.split(","):
         for key, value in DEFAULTS[task_name].items():
             setattr(args, key, base[key] if base[key] is not None else value)

@@ -23,3 +23,4 @@ $V --q_sweep 0,0.1,0.2,0.4 --methods prune --seeds 0,1,2,3,4 --steps 25
 T="python benchmarks/accuracy.py --task text --out $OUT --sparsity 0.9 --steps 300 --dense_steps 300 --lr 2e-4 --eval_every 50"
 $T --methods prune,lowrank --seeds 0,1,2
 $T --q_sweep 0,0.05,0.1,0.2,0.4 --methods prune --seeds 0,1,2
+$T --q_sweep 0,0.2 --methods prune,lowrank --seeds 0,1,2 --schedule cubic

@@ -139,3 +139,46 @@ def write_q_sweep(records: list[dict], dense: float, out: str, task: str, header
     figure.tight_layout()
     figure.savefig(os.path.join(out, f"q_sweep_{task}_{name.replace(' ', '_')}.png"))
     plt.close(figure)
+
+
+def plot_regimes(records: list[dict], out: str, task: str) -> str:
+    """One picture of when VCON pays: its paired gain over post-shot against Q, one line per method and regime
+    (budget in steps, β schedule, learning rate), mean ± standard error over seeds. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    post = {(r["method"], r["steps"], r["lr"], r["seed"]): r["test_accuracy"] for r in records if r["arm"] == "post-shot"}
+    gains = defaultdict(lambda: defaultdict(list))  # (method, steps, schedule, lr) -> q -> [gain]
+    for r in records:
+        base = post.get((r["method"], r["steps"], r["lr"], r["seed"]))
+        if r["arm"] == "vcon" and base is not None:
+            gains[(r["method"], r["steps"], r["schedule"], r["lr"])][r["q"]].append(100 * (r["test_accuracy"] - base))
+    methods = sorted({key[0] for key in gains})
+    figure, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.6), squeeze=False, dpi=80)
+    for axis, method in zip(axes[0], methods):
+        for (m, steps, schedule, lr), by_q in sorted(gains.items(), key=lambda item: (item[0][1], str(item[0][2]), item[0][3])):
+            qs = [q for q in sorted(by_q) if len(by_q[q]) > 1]
+            if m != method or len(qs) < 2:
+                continue
+            means = [np.mean(by_q[q]) for q in qs]
+            errors = [np.std(by_q[q], ddof=1) / np.sqrt(len(by_q[q])) for q in qs]
+            axis.errorbar(qs, means, yerr=errors, marker="o", capsize=3,
+                          label=f"{steps} steps, {schedule}, lr {lr:g} (n={min(len(by_q[q]) for q in qs)})")
+        axis.axhline(0.0, color="black", lw=0.8, ls=":")
+        axis.set_yscale("symlog", linthresh=2.0)  # linear within ±2 points, where most regimes sit
+        low, high = axis.get_ylim()
+        axis.set_yticks([t for t in (-20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 40) if low <= t <= high])
+        axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:+g}"))
+        axis.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.set_title(f"{task}: {method}", fontsize=9)
+        axis.set_xlabel("transition length Q (fraction of the run)")
+        axis.set_ylabel("VCON − post-shot (points, mean ± s.e.)")
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    path = os.path.join(out, f"regimes_{task}.png")
+    figure.savefig(path)
+    plt.close(figure)
+    return path
