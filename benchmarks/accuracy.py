@@ -45,7 +45,7 @@ from tasks import build_task  # noqa: E402
 # Per-task defaults; every one is a flag.
 DEFAULTS = {
     "vision": dict(steps=100, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=10),
-    "text": dict(steps=60, dense_steps=150, lr=1e-4, dense_lr=5e-5, batch_size=16, eval_every=15),
+    "text": dict(steps=300, dense_steps=300, lr=2e-4, dense_lr=5e-5, batch_size=16, eval_every=50),
 }
 METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio"}
 

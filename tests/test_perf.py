@@ -72,13 +72,14 @@ def test_training_cut_gives_the_exact_mask_step_after_step(sparsity):
 
 def test_training_cut_uses_the_band_not_a_full_selection(monkeypatch):
     pruner, memo = _pruner(0.9), {}
-    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 64, generator=generator)
     pruner.compression_state(weight, memo)
     band_sizes = []
     original = torch.Tensor.kthvalue
     monkeypatch.setattr(torch.Tensor, "kthvalue", lambda self, *a, **k: band_sizes.append(self.numel()) or
                         original(self, *a, **k))
-    pruner.compression_state(weight + 1e-4 * torch.randn(64, 64), memo)
+    pruner.compression_state(weight + 1e-4 * torch.randn(64, 64, generator=generator), memo)
     assert len(band_sizes) == 1 and band_sizes[0] < weight.numel() // 20
 
 
