@@ -176,7 +176,8 @@ def plot_regimes(records: list[dict], out: str, task: str) -> str:
         axis.set_title(f"{task}: {method}", fontsize=9)
         axis.set_xlabel("transition length Q (fraction of the run)")
         axis.set_ylabel("VCON − post-shot (points, mean ± s.e.)")
-        axis.legend(fontsize=6)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=6)
     figure.tight_layout()
     path = os.path.join(out, f"regimes_{task}.png")
     figure.savefig(path)
