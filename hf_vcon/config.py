@@ -87,7 +87,9 @@ class VConConfig:
         transition: how the model goes from dense to compressed over Q. ``"vcon"`` (default) blends the two paths
             with β as above. ``"gmp"`` (prune only, ``"layer"``/``"row"`` patterns) is the gradual magnitude pruning
             baseline of Zhu & Gupta (2017): no blending (β = 0), a hard mask whose sparsity rises as
-            ``s_t = s·(1 − (1 − p)³)``, p = (t − start_step)/Q clamped to [0, 1]; ``schedule`` does not apply.
+            ``s_t = s·(1 − (1 − p)³)``, p = (t − start_step)/Q clamped to [0, 1], and pruned weights get no
+            gradient (with ``"vcon"`` and post-shot the latent W is trained straight-through, as the paper does);
+            ``schedule`` does not apply.
         sparsity: prune only; the fraction of weights set to zero, in [0, 1). Defaults to 0.9. Implied by an
             ``N:M`` pattern (1 − N/M) and may then be omitted.
         prune_pattern: prune only; ``"layer"`` (unstructured, per layer), ``"row"`` (the same fraction in every
