@@ -162,14 +162,16 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args) 
 
 def compression_setting(method: str, args) -> dict:
     """The flag that sets how hard ``method`` compresses (kept with every run, part of its key)."""
-    return {"sparsity": args.sparsity} if method == "prune" else {"rank_ratio": args.rank_ratio} if method == "lowrank" else {}
+    if method == "prune":
+        return {"sparsity": args.sparsity}
+    return {"rank_ratio": args.rank_ratio} if method == "lowrank" else {}
 
 
 def run_key(record: dict) -> tuple:
-    setting = record.get("sparsity", 0.9) if record["method"] == "prune" else record.get("rank_ratio", 1 / 12)
+    setting = record.get("sparsity", record.get("rank_ratio"))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
-            round(setting, 6) if record["method"] != "binary" else None)
+            None if setting is None else round(setting, 6))
 
 
 def main(argv=None) -> None:
