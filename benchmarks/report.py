@@ -150,7 +150,8 @@ def plot_regimes(records: list[dict], out: str, task: str) -> str:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    post = {(r["method"], r["steps"], r["lr"], r["seed"]): r["test_accuracy"] for r in records if r["arm"] == "post-shot"}
+    post = {(r["method"], r["steps"], r["lr"], r["seed"]): r["test_accuracy"]
+            for r in records if r["arm"] == "post-shot"}
     gains = defaultdict(lambda: defaultdict(list))  # (method, steps, schedule, lr) -> q -> [gain]
     for r in records:
         base = post.get((r["method"], r["steps"], r["lr"], r["seed"]))
@@ -159,7 +160,8 @@ def plot_regimes(records: list[dict], out: str, task: str) -> str:
     methods = sorted({key[0] for key in gains})
     figure, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.6), squeeze=False, dpi=80)
     for axis, method in zip(axes[0], methods):
-        for (m, steps, schedule, lr), by_q in sorted(gains.items(), key=lambda item: (item[0][1], str(item[0][2]), item[0][3])):
+        regimes = sorted(gains.items(), key=lambda item: (item[0][1], str(item[0][2]), item[0][3]))
+        for (m, steps, schedule, lr), by_q in regimes:
             qs = [q for q in sorted(by_q) if len(by_q[q]) > 1]
             if m != method or len(qs) < 2:
                 continue
