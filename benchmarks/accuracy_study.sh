@@ -24,3 +24,4 @@ T="python benchmarks/accuracy.py --task text --out $OUT --sparsity 0.9 --steps 3
 $T --methods prune,lowrank --seeds 0,1,2
 $T --q_sweep 0,0.05,0.1,0.2,0.4 --methods prune --seeds 0,1,2
 $T --q_sweep 0,0.2 --methods prune,lowrank --seeds 0,1,2 --schedule cubic
+$T --q_sweep 0,0.2 --methods prune,lowrank --seeds 0,1,2 --steps 100
