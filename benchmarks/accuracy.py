@@ -162,9 +162,8 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args) 
 
 def compression_setting(method: str, args) -> dict:
     """The flag that sets how hard ``method`` compresses (kept with every run, part of its key)."""
-    if method == "prune":
-        return {"sparsity": args.sparsity}
-    return {"rank_ratio": args.rank_ratio} if method == "lowrank" else {}
+    flag = METHOD_SETTINGS[method]
+    return {flag: getattr(args, flag)} if flag else {}
 
 
 def run_key(record: dict) -> tuple:

@@ -86,7 +86,7 @@ def test_gmp_pruned_weights_get_no_gradient_while_vcon_passes_it_straight_throug
     set_step(model, 3)
     x = torch.randn(5, 30)
     model(x).square().sum().backward()
-    kept = layer.compressed_weight() != 0 if not quantized else layer.compressor.mask(layer.weight)
+    kept = layer.compressor.mask(layer.weight)
     output = x @ layer.compressed_weight().T + layer.bias
     full = (2 * output).T @ x  # dL/dW_eff for L = sum(output²)
     expected = full * kept if transition == "gmp" else full
