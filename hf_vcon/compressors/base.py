@@ -46,7 +46,8 @@ class Compressor:
 
     ``straight_through = True`` means C is a function of the latent dense weight W alone: the layer evaluates C
     without autograd and passes the gradient of the blended weight to W unchanged (straight-through
-    estimator), as the authors do for pruning and binary weights. ``False`` means C is built from trainable
+    estimator), as the authors do for pruning and binary weights, unless :meth:`weight_gradient` is overridden
+    (gradual magnitude pruning masks it). ``False`` means C is built from trainable
     tensors of its own (from :meth:`init_params`) and autograd differentiates through it.
     """
 
