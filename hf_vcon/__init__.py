@@ -1,6 +1,8 @@
 """hf_vcon: Vanishing Contributions (VCON, arXiv 2510.09696) compression for the Hugging Face stack.
 
-Data flows one way: config → compressors → layers → model patching → trainer → export.
+Data flows one way: config → compressors → layers → model patching → trainer → export. Imports follow it:
+``compressors`` (the registry imports nothing) ← ``config`` ← ``state`` (the core) ← ``layerwise`` / ``blocks`` ←
+``model`` ← ``summary``, ``export``, ``compact`` ← ``trainer``.
 """
 
 from .version import __version__
@@ -8,18 +10,27 @@ from .version import __version__
 # Configuration and schedules
 from .config import VConConfig
 from .schedules import beta_at
+from .settings import LayerSetting
 
 # Compressions
-from .compressors import Compressor, available_compressors, register_compressor
+from .compressors import (
+    Compressor,
+    CompressorOptions,
+    FactorCompressor,
+    WeightCompressor,
+    available_compressors,
+    register_compressor,
+)
+from .compressors.lowrank import LowRankLinear
 
 # Layers and model verbs
 from .layers import VConLinear
 from .blocks import VConBlock, get_block_betas
+from .state import VConState, get_vcon_state
 from .model import (
     apply_vcon,
     compressed_view,
     get_beta,
-    get_vcon_state,
     merge_and_unload,
     release_dense_paths,
     set_beta,
@@ -30,11 +41,9 @@ from .summary import vcon_summary
 
 # Training and export
 from .trainer import VConCallback, VConTrainer
-from .export import merged_state_dict, model_card, save_merged
-
-# Compact checkpoints
+from .export import merged_state_dict, save_merged
+from .card import model_card
 from .compact import load_compressed, save_compressed
-from .compressors.lowrank import LowRankLinear
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
@@ -43,31 +52,35 @@ __all__ = [
     "__version__",
     "VConConfig",
     "beta_at",
+    "LayerSetting",
     "Compressor",
+    "CompressorOptions",
+    "FactorCompressor",
+    "WeightCompressor",
     "available_compressors",
     "register_compressor",
+    "LowRankLinear",
     "VConLinear",
     "VConBlock",
     "get_block_betas",
-    "apply_vcon",
-    "get_beta",
+    "VConState",
     "get_vcon_state",
+    "apply_vcon",
+    "compressed_view",
+    "get_beta",
     "merge_and_unload",
     "release_dense_paths",
     "set_beta",
     "set_step",
     "unload",
     "vcon_summary",
-    "compressed_view",
-    "release_dense_paths",
     "VConCallback",
     "VConTrainer",
     "merged_state_dict",
-    "model_card",
     "save_merged",
+    "model_card",
     "save_compressed",
     "load_compressed",
-    "LowRankLinear",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "VConError",

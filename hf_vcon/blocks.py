@@ -6,16 +6,12 @@ g is a deep copy of it, kept as ``vcon_block``, whose ``target_modules`` Linear/
 :class:`~hf_vcon.layers.VConLinear` pinned at β = 0, i.e. they always compute the compressed layer.
 
 What trains during the transition: every trainable parameter of f **and** of g (the paper's Θ and Θ̃). g's
-compressed Linears keep a latent dense weight of their own, trained straight-through for prune and binary
-(exactly as layer-wise VCON trains W, but for g alone); low-rank g trains its factors B, A and freezes the
-dense copy it was factorised from, which g never reads. g's LayerNorms and biases are copies that train
-separately from f's. Nothing is shared, so f stays the original block and g becomes the compressed one.
+compressed Linears keep a latent dense weight of their own, trained straight-through for compressions recomputed
+from W (exactly as layer-wise VCON trains W, but for g alone); a compression with tensors of its own (low-rank)
+trains those and freezes the dense copy it was built from, which g never reads. g's LayerNorms and biases are
+copies that train separately from f's. Nothing is shared, so f stays the original block and g becomes the
+compressed one. How the two outputs are blended: :mod:`hf_vcon.block_outputs`.
 
-Outputs other than the hidden state (transformers 5 layers return a tensor; tuples and ``ModelOutput`` s are
-blended entry by entry): every floating-point tensor of the same shape in both outputs is blended with the
-same β, anything else (``Cache`` objects, integers) is f's. Attention weights and hidden states that
-transformers records with ``output_attentions`` / ``output_hidden_states`` hooks are recorded from f and
-from g separately and the blend of the two is what the model returns, one entry per block as usual.
 KV caches: while 0 < β < 1, f reads and updates the model's cache and g runs without one, which is exact for
 a forward pass that starts with an empty cache (training, evaluation, the prompt of ``generate``);
 continuing from a filled cache raises :class:`~hf_vcon.errors.VConError`. At β = 1 only f runs and at β = 0
@@ -25,26 +21,26 @@ only g runs, each with the cache, so generation works there.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional
+from typing import Any
 
-import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from .compressors import Compressor, get_compressor
+from .block_outputs import (
+    active_collector,
+    blend_outputs,
+    caches,
+    layer_idx,
+    map_first_tensor,
+    run_recording_apart,
+    without_cache,
+)
 from .config import VConConfig
 from .errors import NoTargetModulesError, VConError
-from .layers import VConLinear, _keep_in_graph
-from .model import STATE_ATTRIBUTE, VConState, _replace_module
-from .schedules import beta_at, staggered_beta_at
+from .layers import VConLinear, keep_in_graph
+from .plan import plan_for, shown
+from .state import Granularity, VConState, Wrapped, replace_module, require_state
 from .targets import find_targets, matches
 
-try:  # transformers 5 records attentions / hidden states with forward hooks and a context-local collector
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # older transformers return them from the layers
-    _active_collector = None
-
-_MAX_NAMES_SHOWN = 10
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
@@ -66,7 +62,7 @@ class VConBlock(nn.Module):
         self.base_block = base_block
         self.vcon_block = compressed_block
         self.beta = 1.0
-        self.cache_layer_idx = _layer_idx(base_block)
+        self.cache_layer_idx = layer_idx(base_block)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -92,10 +88,9 @@ class VConBlock(nn.Module):
         if self.beta == 0.0:  # g alone
             return self._keep_other_in_graph(self.vcon_block(*args, **kwargs), self.base_block)
         self._check_cache_is_empty(args, kwargs)
-        collector = _active_collector.get() if _active_collector is not None else None
-        out_f, records_f = _run_recording_apart(self.base_block, args, kwargs, collector)
-        g_args, g_kwargs = _without_cache(args), _without_cache(kwargs)
-        out_g, records_g = _run_recording_apart(self.vcon_block, g_args, g_kwargs, collector)
+        collector = active_collector()
+        out_f, records_f = run_recording_apart(self.base_block, args, kwargs, collector)
+        out_g, records_g = run_recording_apart(self.vcon_block, without_cache(args), without_cache(kwargs), collector)
         for key, entries in records_f.items():
             collector[key].extend(blend_outputs(entries, records_g[key], self.beta))
         return blend_outputs(out_f, out_g, self.beta)
@@ -104,12 +99,12 @@ class VConBlock(nn.Module):
         if not self.training:
             return output
         unused = [param for param in other.parameters() if param.requires_grad]
-        return _map_first_tensor(output, lambda tensor: _keep_in_graph(tensor, unused))
+        return map_first_tensor(output, lambda tensor: keep_in_graph(tensor, unused))
 
     def _check_cache_is_empty(self, args: tuple, kwargs: dict) -> None:
         if self.cache_layer_idx is None:
             return
-        for cache in _caches(args, kwargs):
+        for cache in caches(args, kwargs):
             if cache.get_seq_length(self.cache_layer_idx) > 0:
                 raise VConError(
                     "Block-wise VCON cannot continue from a filled KV cache while 0 < beta < 1 "
@@ -117,96 +112,40 @@ class VConBlock(nn.Module):
                     "or with use_cache=False."
                 )
 
+    # -------------------------------------------------------------------------------------- lifecycle
+    def merged(self) -> nn.Module:
+        """g with its compressed weights folded into plain Linear/Conv1D modules: the compressed block."""
+        compressed = self.vcon_block
+        for name, layer in list(compressed.named_modules()):
+            if isinstance(layer, VConLinear):
+                if not name:
+                    return layer.merged()
+                replace_module(compressed, name, layer.merged())
+        return compressed
+
+    def unloaded(self) -> nn.Module:
+        """The original block f; g is dropped."""
+        return self.base_block
+
     def extra_repr(self) -> str:
         return f"beta={self.beta:.4g}"
 
 
-# ------------------------------------------------------------------------------------------ outputs
-def blend_outputs(out_f: Any, out_g: Any, beta: float) -> Any:
-    """β·f + (1−β)·g on every floating-point tensor found at the same place in both outputs; the rest is f's.
-
-    Handles tensors, tuples, lists, dicts and ``ModelOutput`` s; the same object in both (a shared input
-    recorded twice) is returned as is.
-    """
-    if out_f is out_g or out_f is None or out_g is None:
-        return out_f
-    if isinstance(out_f, torch.Tensor):
-        if isinstance(out_g, torch.Tensor) and out_f.is_floating_point() and out_f.shape == out_g.shape:
-            return beta * out_f + (1.0 - beta) * out_g
-        return out_f
-    if isinstance(out_f, (tuple, list)) and isinstance(out_g, (tuple, list)) and len(out_f) == len(out_g):
-        blended = [blend_outputs(a, b, beta) for a, b in zip(out_f, out_g)]
-        return type(out_f)(*blended) if hasattr(out_f, "_fields") else type(out_f)(blended)
-    if isinstance(out_f, dict) and isinstance(out_g, dict):
-        return type(out_f)(**{key: blend_outputs(value, out_g.get(key), beta) for key, value in out_f.items()})
-    return out_f
-
-
-def _map_first_tensor(output: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``output`` with ``function`` applied to its hidden state: the tensor itself or the first entry."""
-    if isinstance(output, torch.Tensor):
-        return function(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and not hasattr(output, "_fields"):
-        return (function(output[0]), *output[1:])
-    if isinstance(output, dict) and output:
-        key = next(iter(output))
-        if isinstance(output[key], torch.Tensor):
-            output[key] = function(output[key])
-    return output
-
-
-def _caches(args: tuple, kwargs: dict) -> list[Cache]:
-    return [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
-
-
-def _without_cache(arguments: Any) -> Any:
-    """``args`` / ``kwargs`` with every ``Cache`` replaced by ``None`` (g must not update f's cache)."""
-    if isinstance(arguments, dict):
-        return {key: None if isinstance(value, Cache) else value for key, value in arguments.items()}
-    return tuple(None if isinstance(value, Cache) else value for value in arguments)
-
-
-def _run_recording_apart(module: nn.Module, args: tuple, kwargs: dict, collector: Optional[dict]):
-    """Run ``module``; what transformers' output hooks record meanwhile goes to a private copy of ``collector``.
-
-    Returns the output and, per recorded key, the entries the module added (to be blended, then appended).
-    """
-    if not collector:
-        return module(*args, **kwargs), {}
-    private = {key: list(value) if isinstance(value, list) else value for key, value in collector.items()}
-    token = _active_collector.set(private)
-    try:
-        output = module(*args, **kwargs)
-    finally:
-        _active_collector.reset(token)
-    added = {key: private[key][len(value):] for key, value in collector.items() if isinstance(value, list)}
-    return output, added
-
-
-def _layer_idx(block: nn.Module) -> Optional[int]:
-    """The KV-cache layer index the block's attention uses (transformers sets ``layer_idx`` on it), if any."""
-    for module in block.modules():
-        index = getattr(module, "layer_idx", None)
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-    return None
-
-
 # -------------------------------------------------------------------------------------------- build g
-def compressed_copy(block: nn.Module, linear_names: list[str], compressor: Compressor) -> nn.Module:
-    """g: a deep copy of ``block`` whose Linear/Conv1D layers named ``linear_names`` (relative to the block,
-    ``""`` for the block itself) are :class:`VConLinear` at β = 0. ``block`` is not mutated.
+def compressed_copy(block: nn.Module, layers: dict[str, Any], recompute_every: int = 1) -> nn.Module:
+    """g: a deep copy of ``block`` whose Linear/Conv1D layers named in ``layers`` (relative to the block, ``""``
+    for the block itself; each with its compressor) are :class:`VConLinear` at β = 0. ``block`` is not mutated.
 
-    A compressor that builds C from tensors of its own (low-rank) never reads the dense copy: it is frozen.
+    A compression whose g never reads the dense copy (low-rank) gets that copy frozen.
     """
     compressed = copy.deepcopy(block)
-    for name in linear_names:
-        layer = VConLinear(compressed.get_submodule(name), compressor)
+    for name, compressor in layers.items():
+        layer = VConLinear(compressed.get_submodule(name), compressor, recompute_every=recompute_every)
         layer.set_beta(0.0)
-        if not compressor.straight_through:
+        if not compressor.copy_trains_latent_weight:
             layer.weight.requires_grad_(False)
         if name:
-            _replace_module(compressed, name, layer)
+            replace_module(compressed, name, layer)
         else:
             compressed = layer
     return compressed
@@ -222,10 +161,6 @@ def _repeated_blocks(model: nn.Module) -> list[str]:
     ]
 
 
-def _shown(names: list[str]) -> str:
-    return f"{names[:_MAX_NAMES_SHOWN]}{' …' if len(names) > _MAX_NAMES_SHOWN else ''}"
-
-
 def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]:
     """The matched blocks in handover order, each with the full names of the Linear layers g compresses.
 
@@ -239,13 +174,13 @@ def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]
     if not names:
         raise NoTargetModulesError(
             f"target_blocks={config.target_blocks!r} matched no module. Repeated blocks of this model: "
-            f"{_shown(_repeated_blocks(model))}."
+            f"{shown(_repeated_blocks(model))}."
         )
     containers = [name for name in names if isinstance(modules[name], _CONTAINERS)]
     if containers:
         raise ValueError(
-            f"target_blocks={config.target_blocks!r} matched container(s) {_shown(containers)}, which have no forward; "
-            f"match the blocks inside, e.g. {_shown(_repeated_blocks(model))[:200]}."
+            f"target_blocks={config.target_blocks!r} matched container(s) {shown(containers)}, which have no forward; "
+            f"match the blocks inside, e.g. {shown(_repeated_blocks(model))[:200]}."
         )
     nested = [(outer, inner) for outer in names for inner in names if inner.startswith(f"{outer}.")]
     if nested:
@@ -259,7 +194,7 @@ def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]
     empty = [name for name, inside in blocks.items() if not inside]
     if empty:
         raise ValueError(
-            f"target_blocks={config.target_blocks!r} matched {_shown(empty)}, which hold(s) no Linear/Conv1D that "
+            f"target_blocks={config.target_blocks!r} matched {shown(empty)}, which hold(s) no Linear/Conv1D that "
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) selects: not "
             "blocks VCON can compress. Match whole layers, or widen target_modules."
         )
@@ -270,12 +205,11 @@ def resolve_blocks(model: nn.Module, config: VConConfig) -> dict[str, list[str]]
     if unknown or missing:
         raise ValueError(
             f"block_order must name every block that target_blocks matched, once, by its full name; "
-            f"unknown: {unknown}, missing: {missing}. Matched blocks: {_shown(names)}."
+            f"unknown: {unknown}, missing: {missing}. Matched blocks: {shown(names)}."
         )
     return {name: blocks[name] for name in config.block_order}
 
 
-# ----------------------------------------------------------------------------------------- lifecycle
 def require_transformers_5(model: nn.Module) -> None:
     """Block-wise VCON of a transformers model needs transformers 5: 4.x records hidden states / attentions with
     hooks on every layer of the block's class, which would record f and g both; the blend of those records is
@@ -289,95 +223,38 @@ def require_transformers_5(model: nn.Module) -> None:
         )
 
 
-def apply_block_vcon(model: nn.Module, config: VConConfig) -> nn.Module:
-    """Block-wise :func:`hf_vcon.apply_vcon` (called by it for ``granularity="block"``): checks, then mutates."""
-    require_transformers_5(model)
-    blocks = resolve_blocks(model, config)
-    compressor = get_compressor(config)
-    for linears in blocks.values():
-        for name in linears:
-            compressor.check_layer(name, *VConLinear.orientation(model.get_submodule(name)))
-    # Build every wrapper before replacing any, so an error while building leaves the model untouched.
-    wrappers = {}
-    for name, linears in blocks.items():
-        relative = [linear[len(name) + 1:] for linear in linears]
-        block = model.get_submodule(name)
-        wrappers[name] = VConBlock(block, compressed_copy(block, relative, compressor))
-    for name, wrapper in wrappers.items():
-        _replace_module(model, name, wrapper)
-    state = VConState(
-        config=config,
-        targeted_module_names=[linear for linears in blocks.values() for linear in linears],
-        layers=[layer for wrapper in wrappers.values() for layer in wrapper.compressed_layers()],
-        blocks=list(wrappers.values()),
-        block_names=list(wrappers),
-    )
-    setattr(model, STATE_ATTRIBUTE, state)
-    return model
+class BlockWise(Granularity):
+    name = "block"
+    wraps_blocks = True
 
+    def wrap(self, model: nn.Module, config: VConConfig) -> Wrapped:
+        require_transformers_5(model)
+        blocks = resolve_blocks(model, config)
+        plan = plan_for(model, config, [linear for linears in blocks.values() for linear in linears])
+        compressors = dict(zip(plan.names, plan.compressors))
+        wrappers = []
+        for name, linears in blocks.items():
+            block = model.get_submodule(name)
+            relative = {linear[len(name) + 1:]: compressors[linear] for linear in linears}
+            wrappers.append(VConBlock(block, compressed_copy(block, relative, config.recompute_every)))
+        layers = [layer for wrapper in wrappers for layer in wrapper.compressed_layers()]
+        return Wrapped(plan=plan, holder_names=list(blocks), holders=wrappers, layers=layers)
 
-def set_block_step(state: VConState, step: int, transition_steps: int) -> float:
-    """Give every block the β of its window at optimizer ``step`` (Q = ``transition_steps``); return their mean."""
-    config, count = state.config, len(state.blocks)
-    for index, block in enumerate(state.blocks):
-        if config.stagger:
-            beta = staggered_beta_at(step, transition_steps, index, count, config.start_step, config.schedule)
-        else:
-            beta = beta_at(step, transition_steps, config.start_step, config.schedule)
-        block.set_beta(beta)
-    for layer in state.layers:  # g's layers know the optimizer step as layer-wise ones do (β stays 0)
-        layer.optimizer_step = step
-    return mean_beta(state)
-
-
-def mean_beta(state: VConState) -> float:
-    """The mean β over the blocks: the share of the dense model left (every block's β without stagger)."""
-    return sum(block.beta for block in state.blocks) / len(state.blocks)
-
-
-def merge_blocks(model: nn.Module, state: VConState) -> None:
-    """Replace every :class:`VConBlock` by g with its compressed weights folded into plain Linear/Conv1D."""
-    with torch.no_grad():
-        for layer in state.layers:
-            layer.base_layer.weight.copy_(layer.merged_weight())
-    for name, block in zip(state.block_names, state.blocks):
-        compressed = block.vcon_block
-        for layer_name, layer in list(compressed.named_modules()):
-            if isinstance(layer, VConLinear):
-                layer.weight.requires_grad_(any(p.requires_grad for p in layer.parameters()))
-                if layer_name:
-                    _replace_module(compressed, layer_name, layer.base_layer)
-                else:
-                    compressed = layer.base_layer
-        _replace_module(model, name, compressed)
-    delattr(model, STATE_ATTRIBUTE)
-
-
-def unload_blocks(model: nn.Module, state: VConState) -> None:
-    """Put every original block f back; g is dropped."""
-    for name, block in zip(state.block_names, state.blocks):
-        _replace_module(model, name, block.base_block)
-    delattr(model, STATE_ATTRIBUTE)
-
-
-def compressed_blocks_state_dict(state: VConState, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` with every block's g (``{block}.vcon_block.…``) renamed to ``{block}.…`` and f dropped.
-
-    The result has the layout of a layer-wise VCON model whose targeted layers are g's: what the layer-wise
-    export turns into the merged checkpoint.
-    """
-    renamed = {}
-    prefixes = [(f"{name}.base_block.", f"{name}.vcon_block.", f"{name}.") for name in state.block_names]
-    for key, value in state_dict.items():
-        for original, compressed, block in prefixes:
-            if key.startswith(original):
-                break
-            if key.startswith(compressed):
-                renamed[block + key[len(compressed):]] = value
-                break
-        else:
-            renamed[key] = value
-    return renamed
+    def layer_wise_state_dict(self, state: VConState, state_dict: dict) -> dict:
+        """Every block's g (``{block}.vcon_block.…``) renamed to ``{block}.…``, f dropped: the layout of a layer-wise
+        VCON model whose targeted layers are g's, which the exports turn into the merged checkpoint."""
+        renamed = {}
+        prefixes = [(f"{name}.base_block.", f"{name}.vcon_block.", f"{name}.") for name in state.holder_names]
+        for key, value in state_dict.items():
+            for original, compressed, block in prefixes:
+                if key.startswith(original):
+                    break
+                if key.startswith(compressed):
+                    renamed[block + key[len(compressed):]] = value
+                    break
+            else:
+                renamed[key] = value
+        return renamed
 
 
 def get_block_betas(model: nn.Module) -> dict[str, float]:
@@ -398,8 +275,6 @@ def get_block_betas(model: nn.Module) -> dict[str, float]:
         >>> get_block_betas(model)
         {'0': 0.5, '1': 1.0}
     """
-    from .model import require_state
-
     state = require_state(model, "get_block_betas")
     if not state.blocks:
         raise VConError("get_block_betas needs granularity='block'; this model's VCON is layer-wise (see get_beta).")

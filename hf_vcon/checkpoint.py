@@ -16,19 +16,25 @@ from torch import nn
 from .config import CONFIG_NAME, VConConfig
 from .errors import IncompatibleCheckpointError
 from .export import is_vcon_key
-from .model import require_state, unwrap_model
+from .state import require_state, unwrap_model
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHOWN = 5
 
 
+def _flat(config: VConConfig) -> dict:
+    data = config.to_dict()
+    data.update(data.pop("options"))  # options by their own names ("rank: checkpoint 4 vs now 2")
+    return data
+
+
 def _config_differences(saved: VConConfig, current: VConConfig) -> list[str]:
-    saved_fields, current_fields = saved.to_dict(), current.to_dict()
+    saved_fields, current_fields = _flat(saved), _flat(current)
     return [
-        f"{key}: checkpoint {saved_fields[key]!r} vs now {current_fields[key]!r}"
+        f"{key}: checkpoint {saved_fields.get(key)!r} vs now {current_fields[key]!r}"
         for key in sorted(current_fields)
-        if key != "hf_vcon_version" and saved_fields.get(key) != current_fields[key]
+        if key not in ("hf_vcon_version", "format_version") and saved_fields.get(key) != current_fields[key]
     ]
 
 

@@ -5,7 +5,8 @@ format is smaller and needs hf_vcon to load. A folder holds:
 
 - ``config.json``: the model's transformers config (``architectures`` names the class; no ``quantization_config``);
 - ``vcon_compact.json``: the format name and version, the :class:`VConConfig`, and per compressed layer its
-  shape, module type and the names, shapes and dtypes of its packed tensors;
+  method and options (``module_overrides`` resolved), shape, module type and the names, shapes and dtypes of its
+  packed tensors;
 - ``vcon_model.safetensors``: every tensor of the model except the compressed layers' weights, under the
   usual state-dict keys, plus each compressed layer's packed tensors under ``<layer>.vcon.<key>`` (low-rank: the
   factors ``A``, ``B``; binary: packed sign bits and scales; prune: kept values and a packed bitmask).
@@ -26,16 +27,16 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .compressors import get_compressor
 from .config import VConConfig
 from .errors import IncompatibleCheckpointError
-from .export import layer_wise_state_dict
-from .layers import VConLinear
-from .model import _check_finite, _replace_module, require_state, unwrap_model
+from .linears import linear_shape
+from .model import check_finite
+from .settings import LayerSetting, build_options
+from .state import VConState, replace_module, require_state, unwrap_model
 from .version import __version__
 
 FORMAT_NAME = "hf_vcon.compact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one setting for every layer (the config's); 2: each layer's method and options recorded
 COMPACT_CONFIG_NAME = "vcon_compact.json"
 COMPACT_WEIGHTS_NAME = "vcon_model.safetensors"
 PACKED_INFIX = ".vcon."
@@ -72,38 +73,10 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
 
     model = unwrap_model(model)
     state = require_state(model, "save_compressed")
-    _check_finite(state)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    dropped, renamed = set(), {}
-    with torch.no_grad():
-        for name, layer in zip(state.targeted_module_names, state.layers):
-            params = {key: value.detach() for key, value in layer.compressed_params().items()}
-            packed = layer.compressor.pack(layer.latent_weight().detach(), params)
-            layers[name] = {
-                "module": type(layer.base_layer).__name__,
-                "shape": [layer.out_features, layer.in_features],
-                "tensors": {key: {"shape": list(value.shape), "dtype": _dtype_name(value)} for key, value in packed.items()},
-            }
-            tensors.update({f"{name}{PACKED_INFIX}{key}": value.contiguous() for key, value in packed.items()})
-            for local_key in layer.state_dict(keep_vars=True):
-                if local_key.startswith("base_layer.") and local_key != "base_layer.weight":
-                    renamed[f"{name}.{local_key}"] = f"{name}.{local_key[len('base_layer.'):]}"
-                else:  # the latent weight and the compressed path's own tensors: replaced by the packed form
-                    dropped.add(f"{name}.{local_key}")
-
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, value in layer_wise_state_dict(state, model.state_dict()).items():  # block-wise: g under the block's name
-        if key in dropped:
-            continue
-        key = renamed.get(key, key)
-        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
-        if identity in seen and value.numel():
-            aliases[key] = seen[identity]
-            continue
-        seen[identity] = key
-        tensors[key] = value.detach().contiguous()
+    check_finite(state)
+    tensors, layers = _packed_layers(state)
+    dropped, renamed = _replaced_keys(state)
+    aliases = _add_dense_tensors(tensors, state, model, dropped, renamed)
 
     os.makedirs(output_dir, exist_ok=True)
     save_file(tensors, os.path.join(output_dir, COMPACT_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -123,6 +96,54 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
         json.dump(manifest, handle, indent=2, sort_keys=True)
         handle.write("\n")
     return os.fspath(output_dir)
+
+
+def _packed_layers(state: VConState) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Each compressed layer's packed tensors (under ``<layer>.vcon.<key>``) and its manifest entry."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for name, layer, setting in state.named_layers():
+            params = {key: value.detach() for key, value in layer.compressed_params().items()}
+            packed = layer.compressor.pack(layer.latent_weight().detach(), params)
+            layers[name] = {
+                "method": setting.method,
+                "options": setting.options.to_dict(),
+                "module": type(layer.base_layer).__name__,
+                "shape": [layer.out_features, layer.in_features],
+                "tensors": {key: {"shape": list(value.shape), "dtype": _dtype_name(value)} for key, value in packed.items()},
+            }
+            tensors.update({f"{name}{PACKED_INFIX}{key}": value.contiguous() for key, value in packed.items()})
+    return tensors, layers
+
+
+def _replaced_keys(state: VConState) -> tuple[set[str], dict[str, str]]:
+    """The patched model's keys the packed form replaces, and the base layers' other keys under their plain names."""
+    dropped, renamed = set(), {}
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        for local_key in layer.state_dict(keep_vars=True):
+            if local_key.startswith("base_layer.") and local_key != "base_layer.weight":
+                renamed[f"{name}.{local_key}"] = f"{name}.{local_key[len('base_layer.'):]}"
+            else:  # the latent weight and the compressed path's own tensors: replaced by the packed form
+                dropped.add(f"{name}.{local_key}")
+    return dropped, renamed
+
+
+def _add_dense_tensors(tensors: dict, state: VConState, model: nn.Module, dropped: set, renamed: dict) -> dict[str, str]:
+    """Add every other tensor of the model (layer-wise layout) to ``tensors``; tied ones once. Returns the aliases."""
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.granularity.layer_wise_state_dict(state, model.state_dict()).items():
+        if key in dropped:
+            continue
+        key = renamed.get(key, key)
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if identity in seen and value.numel():
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = value.detach().contiguous()
+    return aliases
 
 
 def _dtype_name(tensor: torch.Tensor) -> str:
@@ -154,7 +175,6 @@ def load_compressed(path_or_repo_id: Union[str, os.PathLike], **hub_kwargs: Any)
     folder = _resolve_folder(path_or_repo_id, hub_kwargs)
     manifest = _read_manifest(folder)
     vcon_config = VConConfig.from_dict(manifest["vcon_config"])
-    compressor = get_compressor(vcon_config)
     config = transformers.AutoConfig.from_pretrained(folder)
     architecture = (getattr(config, "architectures", None) or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
@@ -178,15 +198,23 @@ def load_compressed(path_or_repo_id: Union[str, os.PathLike], **hub_kwargs: Any)
     for name, entry in manifest["layers"].items():
         module = model.get_submodule(name)  # existence checked by _check_dense_keys
         try:
+            compressor = _layer_setting(entry, name, vcon_config).compressor()
             replacements.append((name, compressor.unpack(packed[name], module)))
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise IncompatibleCheckpointError(
                 f"Layer {name!r} in {folder!r} does not match its {COMPACT_CONFIG_NAME}: {error}"
             ) from None
     for name, new in replacements:
         if new is not model.get_submodule(name):
-            _replace_module(model, name, new)
+            replace_module(model, name, new)
     return model.eval()
+
+
+def _layer_setting(entry: dict, name: str, vcon_config: VConConfig) -> LayerSetting:
+    """The layer's recorded method and options (format 2), or the config's setting for it (format 1)."""
+    if "method" not in entry:
+        return vcon_config.setting_for(name)
+    return LayerSetting(entry["method"], build_options(entry["method"], dict(entry.get("options") or {})))
 
 
 def _resolve_folder(path_or_repo_id: Union[str, os.PathLike], hub_kwargs: dict) -> str:
@@ -255,9 +283,9 @@ def _check_dense_keys(model: nn.Module, tensors: dict[str, torch.Tensor], manife
             module = None
         if not isinstance(module, nn.Module) or not hasattr(module, "weight") or module.weight.dim() != 2:
             raise IncompatibleCheckpointError(f"{COMPACT_CONFIG_NAME} in {folder!r} lists layer {name!r}, which the model lacks.")
-        if list(VConLinear.orientation(module)) != entry["shape"] or type(module).__name__ != entry["module"]:
+        if list(linear_shape(module)) != entry["shape"] or type(module).__name__ != entry["module"]:
             raise IncompatibleCheckpointError(
-                f"Layer {name!r} is a {type(module).__name__} of shape {list(VConLinear.orientation(module))} in the model "
+                f"Layer {name!r} is a {type(module).__name__} of shape {list(linear_shape(module))} in the model "
                 f"built from config.json, but {COMPACT_CONFIG_NAME} says {entry['module']} {entry['shape']}."
             )
         expected.pop(f"{name}.weight")

@@ -1,12 +1,13 @@
 """``VConConfig``: what to compress, how, and over how many optimizer steps.
 
 One dataclass, validated on construction, written to and read from ``vcon_config.json`` with a version stamp.
-Each field is documented once, in the class docstring.
+The fields common to every compression are documented in the class docstring; each method's options are
+documented, and validated, next to its maths (``hf_vcon/compressors/<method>.py``) and reached through the
+registry, so a new compression needs no edit here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -15,58 +16,24 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from .compressors import CompressorOptions, available_compressors as _methods, compressor_class
+from .compressors.options import is_number
 from .errors import VConWarning
+from .settings import LayerSetting, build_options, option_owners, parse_overrides, unexpected_option
+from .targets import ALL_LINEAR, matches_pattern
 from .version import __version__
 
 CONFIG_NAME = "vcon_config.json"
+FORMAT_VERSION = 2  # 1: options as flat fields (hf_vcon 0.1); 2: "options" and "module_overrides"
 
 SCHEDULES = ("cosine", "cubic", "linear")
 TRANSITIONS = ("gmp", "vcon")
-PRUNE_PATTERNS = ("layer", "row", "N:M")
-BINARY_SCALES = ("channel", "tensor")
 GRANULARITIES = ("block", "layer")
 
-DEFAULT_SPARSITY = 0.9
-DEFAULT_PRUNE_PATTERN = "layer"
-DEFAULT_BINARY_SCALE = "tensor"
-
-# Options that only one method reads; giving them with another method is a mistake worth an error.
-METHOD_ONLY_FIELDS = {
-    "sparsity": "prune",
-    "prune_pattern": "prune",
-    "rank": "lowrank",
-    "rank_ratio": "lowrank",
-    "binary_scale": "binary",
-}
-
-ALL_LINEAR = "all-linear"
-
-_N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
+Targets = Union[str, list[str], None]
 
 
-def parse_n_m(pattern: str) -> tuple[int, int]:
-    """Parse an ``"N:M"`` prune pattern such as ``"2:4"`` into ``(2, 4)``.
-
-    Raises:
-        ValueError: if the string is not two integers ``0 < N < M`` separated by a colon.
-    """
-    match = _N_M_PATTERN.match(pattern)
-    if match is None or not all(part.isdigit() for part in match.groups()):
-        raise ValueError(
-            f"prune_pattern={pattern!r} is not valid: use 'layer', 'row', or 'N:M' with integers 0 < N < M, "
-            "such as '2:4'."
-        )
-    n, m = (int(part) for part in match.groups())
-    if not 0 < n < m:
-        raise ValueError(f"prune_pattern={pattern!r} is not valid: an N:M pattern needs 0 < N < M, such as '2:4'.")
-    return n, m
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass
+@dataclass(init=False)
 class VConConfig:
     """Configuration of Vanishing Contributions (VCON, arXiv 2510.09696).
 
@@ -74,33 +41,38 @@ class VConConfig:
     ``β = max(1 − (t − start_step)/Q, 0)`` over optimizer steps t for the linear schedule.
 
     Args:
-        method: the compression g: ``"prune"`` (magnitude pruning), ``"binary"`` (sign(W)·mean|W|) or
-            ``"lowrank"`` (truncated SVD factors B·A).
+        method: the compression g, a registered name: ``"prune"`` (magnitude pruning), ``"binary"``
+            (sign(W)·mean|W|), ``"lowrank"`` (truncated SVD factors B·A), or any registered plugin
+            (:func:`hf_vcon.available_compressors`).
+        options: the method's options, as its ``Options`` dataclass or a dict. The options may also be given as
+            keyword arguments, ``VConConfig(method="prune", sparsity=0.9)``; read them back as ``config.options``
+            (or ``config.sparsity``). Built-in options: prune ``sparsity``, ``prune_pattern``; binary
+            ``binary_scale``; lowrank ``rank`` or ``rank_ratio``.
         target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
             matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
             full module name; or ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: modules to leave alone, in the same grammar (``"all-linear"`` excepted).
+        module_overrides: per-module settings, like PEFT's ``rank_pattern``: a dict from a module-name pattern to
+            a dict of options, and optionally another ``"method"``, e.g.
+            ``{r".*attention.*": {"sparsity": 0.5}, r".*intermediate.*": {"method": "lowrank", "rank_ratio": 0.25}}``.
+            A pattern is a regex matched against the full module name or a dotted suffix of it; the first pattern
+            that matches a targeted module wins (dict order). Without ``"method"`` the other options keep the base
+            values; with another method they start from its defaults. A pattern that matches no targeted module
+            is an error at :func:`hf_vcon.apply_vcon`.
         transition_steps: Q. An ``int`` is a number of optimizer steps; a ``float`` in (0, 1] is a fraction of the
             run's ``max_steps`` (resolved when training starts); ``0`` is the post-shot baseline (β = 0 at once).
         start_step: β stays 1 until this optimizer step, then the transition starts.
         schedule: the shape of β over the transition: ``"linear"`` (the paper), ``"cosine"`` or ``"cubic"``.
         transition: how the model goes from dense to compressed over Q. ``"vcon"`` (default) blends the two paths
-            with β as above. ``"gmp"`` (prune only, ``"layer"``/``"row"`` patterns) is the gradual magnitude pruning
-            baseline of Zhu & Gupta (2017): no blending (β = 0), a hard mask whose sparsity rises as
-            ``s_t = s·(1 − (1 − p)³)``, p = (t − start_step)/Q clamped to [0, 1], and pruned weights get no
-            gradient (with ``"vcon"`` and post-shot the latent W is trained straight-through, as the paper does);
-            ``schedule`` does not apply.
-        sparsity: prune only; the fraction of weights set to zero, in [0, 1). Defaults to 0.9. Implied by an
-            ``N:M`` pattern (1 − N/M) and may then be omitted.
-        prune_pattern: prune only; ``"layer"`` (unstructured, per layer), ``"row"`` (the same fraction in every
-            output row) or ``"N:M"`` such as ``"2:4"`` (N non-zeros in every M consecutive inputs).
-        rank: lowrank only; the absolute rank r of every targeted layer. Give exactly one of rank and rank_ratio.
-        rank_ratio: lowrank only; r as a fraction in (0, 1) of ``min(in_features, out_features)`` of each layer.
-        binary_scale: binary only; ``"tensor"`` (one mean|W| per weight) or ``"channel"`` (one per output row).
-        recompute_every: prune and binary; recompute what C(W) needs besides W (the pruning cut, the scale) every
-            this many optimizer steps. 1 (the default, as the paper) recomputes it once per optimizer step, never
-            per micro-batch; k > 1 trades freshness of the mask/scale for speed (``benchmarks/overhead.py``
-            shows the cost) and needs the step from :func:`hf_vcon.set_step` (the trainer calls it).
+            with β as above. ``"gmp"`` is the gradual magnitude pruning baseline of Zhu & Gupta (2017), for
+            methods with a gradual option (prune, ``"layer"``/``"row"`` patterns): no blending (β = 0), a hard
+            mask whose sparsity rises as ``s_t = s·(1 − (1 − p)³)``, p = (t − start_step)/Q clamped to [0, 1], and
+            pruned weights get no gradient (with ``"vcon"`` and post-shot the latent W is trained
+            straight-through, as the paper does); ``schedule`` does not apply.
+        recompute_every: for compressions recomputed from W (prune, binary); recompute what C(W) needs besides W
+            (the pruning cut, the scale) every this many optimizer steps. 1 (the default, as the paper) recomputes it
+            once per optimizer step, never per micro-batch; k > 1 trades freshness for speed
+            (``benchmarks/overhead.py`` shows the cost) and needs the step from :func:`hf_vcon.set_step`.
         granularity: what one VCON unit is: ``"layer"`` (default; every targeted Linear blends its weights) or
             ``"block"`` (each block of ``target_blocks`` blends its outputs ``β·f(x) + (1−β)·g(x)``, g a compressed
             copy of the block whose ``target_modules`` Linears are compressed; see :mod:`hf_vcon.blocks`).
@@ -116,56 +88,110 @@ class VConConfig:
 
     Example:
         >>> from hf_vcon import VConConfig
-        >>> VConConfig(method="prune", sparsity=0.5, transition_steps=100).sparsity
+        >>> config = VConConfig(method="prune", sparsity=0.5, transition_steps=100)
+        >>> config.options
+        PruneOptions(sparsity=0.5, prune_pattern='layer')
+        >>> config.sparsity
         0.5
     """
 
-    method: str = "prune"
-    target_modules: Union[str, list[str], None] = "all-linear"
-    exclude_modules: Union[str, list[str], None] = None
-    transition_steps: Union[int, float] = 0.2
-    start_step: int = 0
-    schedule: str = "linear"
-    transition: str = "vcon"
-    sparsity: Optional[float] = None
-    prune_pattern: Optional[str] = None
-    rank: Optional[int] = None
-    rank_ratio: Optional[float] = None
-    binary_scale: Optional[str] = None
-    recompute_every: int = 1
-    granularity: str = "layer"
-    target_blocks: Union[str, list[str], None] = None
-    stagger: bool = False
-    block_order: Optional[list[str]] = None
+    method: str
+    options: CompressorOptions
+    target_modules: Targets
+    exclude_modules: Targets
+    module_overrides: Optional[dict[str, dict[str, Any]]]
+    transition_steps: Union[int, float]
+    start_step: int
+    schedule: str
+    transition: str
+    recompute_every: int
+    granularity: str
+    target_blocks: Targets
+    stagger: bool
+    block_order: Optional[list[str]]
 
-    def __post_init__(self) -> None:
-        self._check_method()
-        self._check_method_only_fields()
+    def __init__(
+        self,
+        method: str = "prune",
+        options: Union[CompressorOptions, dict[str, Any], None] = None,
+        *,
+        target_modules: Targets = ALL_LINEAR,
+        exclude_modules: Targets = None,
+        module_overrides: Optional[dict[str, dict[str, Any]]] = None,
+        transition_steps: Union[int, float] = 0.2,
+        start_step: int = 0,
+        schedule: str = "linear",
+        transition: str = "vcon",
+        recompute_every: int = 1,
+        granularity: str = "layer",
+        target_blocks: Targets = None,
+        stagger: bool = False,
+        block_order: Optional[list[str]] = None,
+        **method_options: Any,
+    ) -> None:
+        compressor_class(method)  # an unknown method is the first thing to say
+        self.method = method
+        self.options = self._checked_options(method, options, method_options)
+        self.target_modules, self.exclude_modules = target_modules, exclude_modules
+        self.module_overrides = module_overrides
+        self.transition_steps, self.start_step, self.schedule = transition_steps, start_step, schedule
+        self.transition, self.recompute_every = transition, recompute_every
+        self.granularity, self.target_blocks, self.stagger, self.block_order = granularity, target_blocks, stagger, block_order
         self._check_targets()
+        self._overrides = parse_overrides(module_overrides, self.setting)
         self._check_schedule()
-        self._check_prune()
-        self._check_lowrank()
-        self._check_binary()
         self._check_recompute_every()
         self._check_granularity()
         self._check_transition()
 
+    # ----------------------------------------------------------------------------------------- options
+    @staticmethod
+    def _checked_options(method: str, options: Any, flat: dict[str, Any]) -> CompressorOptions:
+        options_class = compressor_class(method).Options
+        for name, value in flat.items():
+            if name not in options_class.field_names():
+                raise unexpected_option(name, value, method)
+        if isinstance(options, options_class):
+            return options.replace(**flat) if flat else options
+        if isinstance(options, CompressorOptions):
+            raise TypeError(f"options={options!r} are not method={method!r}'s ({options_class.__name__}).")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a {options_class.__name__} or a dict, not {type(options).__name__}.")
+        return build_options(method, {**(options or {}), **flat})
+
+    def __getattr__(self, name: str) -> Any:
+        # config.sparsity reads the method's option (dataclass fields are found before this is called)
+        if name.startswith("_") or name == "options" or "options" not in self.__dict__:
+            raise AttributeError(name)
+        options = self.__dict__["options"]
+        if name in options.field_names():
+            return getattr(options, name)
+        owners = option_owners(name)
+        hint = f" (an option of method={owners[0]!r})" if owners else ""
+        raise AttributeError(f"VConConfig with method={self.method!r} has no {name!r}{hint}.")
+
+    @property
+    def setting(self) -> LayerSetting:
+        """The base setting: ``method`` and ``options``."""
+        return LayerSetting(self.method, self.options)
+
+    @property
+    def override_settings(self) -> tuple[tuple[str, LayerSetting], ...]:
+        """``module_overrides`` as validated ``(pattern, setting)`` pairs, in order."""
+        return self._overrides
+
+    def setting_for(self, name: str) -> LayerSetting:
+        """The setting of module ``name``: the first ``module_overrides`` pattern that matches it, else the base."""
+        for pattern, setting in self._overrides:
+            if matches_pattern(name, pattern):
+                return setting
+        return self.setting
+
+    def settings(self) -> list[LayerSetting]:
+        """Every distinct setting this config can give a module: the base one first, then the overrides'."""
+        return list(dict.fromkeys([self.setting, *(setting for _, setting in self._overrides)]))
+
     # ----------------------------------------------------------------------------------------- validation
-    def _check_method(self) -> None:
-        # The registry is the one list of methods: a new compressor file makes its name valid here.
-        from .compressors import available_compressors
-
-        if self.method not in available_compressors():
-            raise ValueError(f"method={self.method!r} is not known; use one of: {', '.join(available_compressors())}.")
-
-    def _check_method_only_fields(self) -> None:
-        for field, owner in METHOD_ONLY_FIELDS.items():
-            if getattr(self, field) is not None and self.method != owner:
-                raise ValueError(
-                    f"{field}={getattr(self, field)!r} only applies to method='{owner}', but method={self.method!r}; "
-                    f"remove {field} or set method='{owner}'."
-                )
-
     def _check_targets(self) -> None:
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of module names, a regex string, or 'all-linear'.")
@@ -197,7 +223,7 @@ class VConConfig:
 
     def _check_schedule(self) -> None:
         q = self.transition_steps
-        if not _is_number(q) or (isinstance(q, float) and not math.isfinite(q)):
+        if not is_number(q) or (isinstance(q, float) and not math.isfinite(q)):
             raise TypeError(
                 f"transition_steps={q!r} must be an int (optimizer steps), a float in (0, 1] (a fraction of max_steps) "
                 "or 0 (post-shot)."
@@ -217,86 +243,38 @@ class VConConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not known; use one of: {', '.join(SCHEDULES)}.")
 
-    def _check_prune(self) -> None:
-        if self.method != "prune":
-            return
-        if self.prune_pattern is None:
-            self.prune_pattern = DEFAULT_PRUNE_PATTERN
-        if not isinstance(self.prune_pattern, str):
-            raise TypeError(f"prune_pattern={self.prune_pattern!r} must be 'layer', 'row' or an 'N:M' string.")
-        if self.prune_pattern in ("layer", "row"):
-            if self.sparsity is None:
-                self.sparsity = DEFAULT_SPARSITY
-            if not _is_number(self.sparsity) or not 0 <= self.sparsity < 1:
-                raise ValueError(f"sparsity={self.sparsity!r} must be a number in [0, 1): the fraction of weights set to zero.")
-            self.sparsity = float(self.sparsity)
-            return
-        n, m = parse_n_m(self.prune_pattern)
-        self.prune_pattern = f"{n}:{m}"
-        implied = 1 - n / m
-        if self.sparsity is None:
-            self.sparsity = implied
-        elif not _is_number(self.sparsity) or not math.isclose(self.sparsity, implied):
-            raise ValueError(
-                f"sparsity={self.sparsity!r} contradicts prune_pattern={self.prune_pattern!r}, which implies "
-                f"sparsity={implied}; omit sparsity with an N:M pattern."
-            )
-
-    def _check_lowrank(self) -> None:
-        if self.method != "lowrank":
-            return
-        if (self.rank is None) == (self.rank_ratio is None):
-            raise ValueError(
-                "method='lowrank' needs exactly one of rank (an int > 0) and rank_ratio (a float in (0, 1)); "
-                f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}."
-            )
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0):
-            raise ValueError(f"rank={self.rank!r} must be an int > 0.")
-        if self.rank_ratio is not None and (not _is_number(self.rank_ratio) or not 0 < self.rank_ratio < 1):
-            raise ValueError(f"rank_ratio={self.rank_ratio!r} must be a number in (0, 1): a fraction of min(in, out).")
-
-    def _check_binary(self) -> None:
-        if self.method != "binary":
-            return
-        if self.binary_scale is None:
-            self.binary_scale = DEFAULT_BINARY_SCALE
-        if self.binary_scale not in BINARY_SCALES:
-            raise ValueError(f"binary_scale={self.binary_scale!r} is not known; use one of: {', '.join(BINARY_SCALES)}.")
-
     def _check_recompute_every(self) -> None:
         every = self.recompute_every
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"recompute_every={every!r} must be an int >= 1 (optimizer steps between mask/scale updates).")
-        from .compressors.base import compressor_class
-
-        if every != 1 and not compressor_class(self.method).straight_through:
+        methods = [setting.method for setting in self.settings()]
+        if every != 1 and not any(compressor_class(method).recomputes_from_weight for method in methods):
             raise ValueError(
                 f"recompute_every={every} only applies to methods whose compressed weight is recomputed from W "
-                f"(prune, binary), not method={self.method!r}; remove it."
+                f"(such as prune, binary), not method={self.method!r}; remove it."
             )
 
     def _check_granularity(self) -> None:
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity={self.granularity!r} is not known; use one of: {', '.join(GRANULARITIES)}."
-            )
-        block_wise = self.granularity == "block"
-        if not block_wise:
+            raise ValueError(f"granularity={self.granularity!r} is not known; use one of: {', '.join(GRANULARITIES)}.")
+        if not isinstance(self.stagger, bool):
+            raise TypeError(f"stagger={self.stagger!r} must be True or False.")
+        if self.granularity == "layer":
             for field in ("target_blocks", "block_order"):
                 if getattr(self, field) is not None:
                     raise ValueError(
                         f"{field}={getattr(self, field)!r} only applies to granularity='block', but "
                         f"granularity={self.granularity!r}; remove {field} or set granularity='block'."
                     )
-        if not isinstance(self.stagger, bool):
-            raise TypeError(f"stagger={self.stagger!r} must be True or False.")
-        if self.stagger and not block_wise:
-            raise ValueError(
-                f"stagger=True only applies to granularity='block', but granularity={self.granularity!r}; "
-                "set granularity='block' and target_blocks."
-            )
-        if not block_wise:
+            if self.stagger:
+                raise ValueError(
+                    f"stagger=True only applies to granularity='block', but granularity={self.granularity!r}; "
+                    "set granularity='block' and target_blocks."
+                )
             return
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
         if self.target_blocks is None:
             raise ValueError(
                 "granularity='block' needs target_blocks: the blocks' module names (a list of names or dotted "
@@ -305,35 +283,32 @@ class VConConfig:
         if self.target_blocks == ALL_LINEAR:
             raise ValueError("target_blocks='all-linear' is not a set of blocks; name the blocks or give a regex.")
         self.target_blocks = self._checked_targets("target_blocks", self.target_blocks)
-        if self.block_order is not None:
-            if not self.stagger:
-                raise ValueError(
-                    f"block_order={self.block_order!r} only applies with stagger=True; set stagger=True or remove it."
-                )
-            order = self.block_order
-            if isinstance(order, tuple):
-                order = self.block_order = list(order)
-            if not isinstance(order, list) or not order or not all(isinstance(name, str) and name for name in order):
-                raise TypeError(f"block_order={order!r} must be a non-empty list of block names (strings).")
-            repeated = sorted({name for name in order if order.count(name) > 1})
-            if repeated:
-                raise ValueError(f"block_order={order!r} names {repeated} more than once; name every block once.")
+        if self.block_order is None:
+            return
+        if not self.stagger:
+            raise ValueError(f"block_order={self.block_order!r} only applies with stagger=True; set stagger=True or remove it.")
+        order = self.block_order
+        if isinstance(order, tuple):
+            order = self.block_order = list(order)
+        if not isinstance(order, list) or not order or not all(isinstance(name, str) and name for name in order):
+            raise TypeError(f"block_order={order!r} must be a non-empty list of block names (strings).")
+        repeated = sorted({name for name in order if order.count(name) > 1})
+        if repeated:
+            raise ValueError(f"block_order={order!r} names {repeated} more than once; name every block once.")
 
     def _check_transition(self) -> None:
         if self.transition not in TRANSITIONS:
             raise ValueError(f"transition={self.transition!r} is not known; use one of: {', '.join(TRANSITIONS)}.")
         if self.transition != "gmp":
             return
-        if self.method != "prune":
-            raise ValueError(
-                f"transition='gmp' (gradual magnitude pruning) only applies to method='prune', but method={self.method!r}; "
-                "use transition='vcon' or method='prune'."
-            )
-        if self.prune_pattern not in ("layer", "row"):
-            raise ValueError(
-                f"transition='gmp' raises the sparsity gradually, which prune_pattern={self.prune_pattern!r} (a fixed "
-                "N:M sparsity) cannot do; use prune_pattern='layer' or 'row', or transition='vcon'."
-            )
+        gradual = [name for name in _methods() if compressor_class(name).gradual_option is not None]
+        for setting in self.settings():
+            if compressor_class(setting.method).gradual_option is None:
+                raise ValueError(
+                    f"transition='gmp' (gradual magnitude pruning) only applies to method='{'/'.join(gradual)}', but "
+                    f"method={setting.method!r}; use transition='vcon' or method='{gradual[0] if gradual else 'prune'}'."
+                )
+            setting.compressor().check_gradual()
         if self.granularity != "layer":
             raise ValueError(
                 f"transition='gmp' prunes layer by layer and does not blend blocks; remove granularity={self.granularity!r} "
@@ -363,8 +338,10 @@ class VConConfig:
 
     # ---------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-able dict, stamped with the hf_vcon version."""
-        data = dataclasses.asdict(self)
+        """The configuration as a JSON-able dict, stamped with the format version and the hf_vcon version."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["options"] = self.options.to_dict()
+        data["format_version"] = FORMAT_VERSION
         data["hf_vcon_version"] = __version__
         return data
 
@@ -373,17 +350,24 @@ class VConConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VConConfig":
-        """Build a config from a dict; unknown keys are ignored with a ``VConWarning``."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"hf_vcon_version"})
+        """Build a config from :meth:`to_dict`'s output, this version's or an earlier one's; unknown keys are
+        ignored with a ``VConWarning``."""
+        data = dict(data)
+        written_by = data.pop("hf_vcon_version", "?")
+        version = data.pop("format_version", 1)
+        fields = set(cls.__dataclass_fields__)
+        if version == 1 or "options" not in data:
+            # Version 1 wrote every method's options as flat keys, None where they belonged to another method.
+            option_names = {name for method in _methods() for name in compressor_class(method).Options.field_names()}
+            data = {key: value for key, value in data.items() if key not in option_names or value is not None}
+            flat = {key: data.pop(key) for key in list(data) if key in option_names}
+        else:
+            flat = {}
+        unknown = sorted(set(data) - fields)
         if unknown:
-            warnings.warn(
-                f"Ignoring unknown VConConfig keys {unknown} (written by hf_vcon {data.get('hf_vcon_version', '?')}, "
-                f"read by {__version__}).",
-                VConWarning,
-                stacklevel=2,
-            )
-        return cls(**{key: value for key, value in data.items() if key in known})
+            warnings.warn(f"Ignoring unknown VConConfig keys {unknown} (written by hf_vcon {written_by}, read by "
+                          f"{__version__}).", VConWarning, stacklevel=2)
+        return cls(**{key: value for key, value in data.items() if key in fields}, **flat)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
         """Write ``vcon_config.json`` into ``save_directory`` (created if needed); returns the file path."""
@@ -412,3 +396,4 @@ class VConConfig:
             file = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
         with open(file, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+

@@ -2,7 +2,7 @@
 
 - **DDP** needs nothing here: DDP broadcasts every parameter (``vcon_A``/``vcon_B`` included) from rank 0 when it
   wraps the model, β is a function of the optimizer step, and a path that contributes nothing still gets an exact
-  zero gradient (``layers._keep_in_graph``), so ``find_unused_parameters`` can stay off.
+  zero gradient (``layers.keep_in_graph``), so ``find_unused_parameters`` can stay off.
 - **FSDP** gathers a unit's weights for its forward; a VCON layer computes its mask / scale / blend there, from the
   full W, provided W and the layer's ``vcon_*`` tensors are gathered by the same unit. :func:`check_sharding`
   refuses a wrapping that shards a VCON layer's ``base_layer`` as a unit of its own; :func:`check_fsdp_plugin`

@@ -4,7 +4,8 @@
 β = 1 (``t <= start_step``), reaches β = 0 at ``t = start_step + Q`` and stays there. Q = 0 is the post-shot
 baseline: β = 0 from ``start_step`` on.
 
-:func:`gmp_sparsity` is the sparsity ramp of the gradual magnitude pruning baseline (``transition="gmp"``).
+:func:`gmp_sparsity` is the ramp of the gradual magnitude pruning baseline (``transition="gmp"``): the degree of
+compression (the sparsity) as a function of the step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,22 @@ def staggered_beta_at(
     if progress >= 1.0:
         return 0.0
     return SCHEDULE_FUNCTIONS[schedule](progress)
+
+
+def holder_betas(step: int, transition_steps: int, count: int, start_step: int = 0, schedule: str = "linear",
+                 stagger: bool = False) -> list[float]:
+    """β of each of ``count`` holders at ``step``: one after another in windows (:func:`staggered_beta_at`) with
+    ``stagger``, else all at :func:`beta_at`.
+
+    Example:
+        >>> holder_betas(6, 10, 2, stagger=True)
+        [0.0, 0.8]
+    """
+    if stagger:
+        return [staggered_beta_at(step, transition_steps, index, count, start_step, schedule) for index in range(count)]
+    return [beta_at(step, transition_steps, start_step, schedule)] * count
+
+
 def gmp_sparsity(step: int, sparsity: float, transition_steps: int, start_step: int = 0) -> float:
     """Sparsity of gradual magnitude pruning (Zhu & Gupta 2017, Eq. 1) at optimizer step ``step``.
 

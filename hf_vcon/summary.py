@@ -1,19 +1,22 @@
-"""``vcon_summary``: what VCON compresses in a model, and how much smaller the targeted layers get."""
+"""``vcon_summary``: what VCON compresses in a model, with which setting, and how much smaller the targeted layers get."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
+import torch
 from torch import nn
 
 from .compressors import CompressionStats
-from .model import get_beta, require_state
+from .state import layer_tensors, require_state
 
 
 @dataclass(frozen=True)
 class LayerSummary:
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
+    method: str
     stats: CompressionStats
 
 
@@ -21,10 +24,11 @@ class LayerSummary:
 class VConSummary:
     """Sizes of the targeted layers' weights before and after compression (biases are unchanged, not counted).
 
-    ``str(summary)`` is a table; :meth:`to_dict` gives the numbers (for logs and model cards).
+    ``str(summary)`` is a table, one row per distinct method and setting (``module_overrides`` show as rows of
+    their own); :meth:`to_dict` gives the numbers (for logs and model cards).
     """
 
-    method: str
+    method: str  # the config's base method
     beta: float
     layers: tuple[LayerSummary, ...]
 
@@ -45,9 +49,15 @@ class VConSummary:
         return sum(layer.stats.bytes_after for layer in self.layers)
 
     @property
+    def methods(self) -> list[str]:
+        """The distinct methods of the layers, in first-seen order."""
+        return list(dict.fromkeys(layer.method for layer in self.layers))
+
+    @property
     def settings(self) -> list[str]:
-        """The distinct per-layer settings (e.g. ``["rank 16"]``), in first-seen order."""
-        return list(dict.fromkeys(layer.stats.setting for layer in self.layers))
+        """The distinct per-layer settings (e.g. ``["rank 16"]``; ``"lowrank: rank 16"`` where methods differ)."""
+        mixed = len(self.methods) > 1
+        return list(dict.fromkeys(f"{l.method}: {l.stats.setting}" if mixed else l.stats.setting for l in self.layers))
 
     @property
     def size_ratio(self) -> float:
@@ -55,16 +65,20 @@ class VConSummary:
         return self.bytes_after / max(self.bytes_before, 1)
 
     def metrics(self) -> dict[str, float]:
-        """The compressors' per-layer metrics (sparsity, bits, rank…) averaged over the layers, by parameter count."""
-        totals: dict[str, float] = {}
+        """The compressors' per-layer metrics (sparsity, bits, rank…) averaged by parameter count over the layers
+        that report them."""
+        totals: dict[str, list[float]] = {}
         for layer in self.layers:
             for key, value in layer.stats.metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * layer.stats.params_before
-        return {key: total / max(self.params_before, 1) for key, total in totals.items()}
+                total = totals.setdefault(key, [0.0, 0.0])
+                total[0] += value * layer.stats.params_before
+                total[1] += layer.stats.params_before
+        return {key: weighted / max(weight, 1) for key, (weighted, weight) in totals.items()}
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
+            "methods": self.methods,
             "beta": self.beta,
             "num_layers": len(self.layers),
             "params_before": self.params_before,
@@ -72,23 +86,25 @@ class VConSummary:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "settings": self.settings,
-            "layers": [{"name": l.name, "shape": list(l.shape), **asdict(l.stats)} for l in self.layers],
+            "layers": [{"name": l.name, "shape": list(l.shape), "method": l.method, **asdict(l.stats)} for l in self.layers],
         }
 
     def table(self, per_layer: bool = False) -> str:
-        """A Markdown table: one row for the method, or one per layer with ``per_layer=True``."""
-        header = "| layers | method | setting | params before → after | bytes before → after | ratio |"
-        rule = "|---|---|---|---|---|---|"
-        rows = [header, rule]
-        groups = [(layer.name, [layer]) for layer in self.layers] if per_layer else [(str(len(self.layers)), list(self.layers))]
-        for label, layers in groups:
+        """A Markdown table: one row per method and setting, or one per layer with ``per_layer=True``."""
+        rows = ["| layers | method | setting | params before → after | bytes before → after | ratio |",
+                "|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[LayerSummary]] = {}
+        for layer in self.layers:
+            key = (layer.name,) if per_layer else (layer.method, layer.stats.setting)
+            groups.setdefault(key, []).append(layer)
+        for key, layers in groups.items():
             before = sum(l.stats.bytes_before for l in layers)
             after = sum(l.stats.bytes_after for l in layers)
-            settings = ", ".join(dict.fromkeys(l.stats.setting for l in layers))
+            label = key[0] if per_layer else str(len(layers))
             rows.append(
-                f"| {label} | {self.method} | {settings} | "
+                f"| {label} | {layers[0].method} | {', '.join(dict.fromkeys(l.stats.setting for l in layers))} | "
                 f"{sum(l.stats.params_before for l in layers):,} → {sum(l.stats.params_after for l in layers):,} | "
-                f"{_human_bytes(before)} → {_human_bytes(after)} | {after / before:.4f} |"
+                f"{human_bytes(before)} → {human_bytes(after)} | {after / max(before, 1):.4f} |"
             )
         return "\n".join(rows)
 
@@ -96,27 +112,35 @@ class VConSummary:
         return self.table()
 
 
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if count < 1024:
+def human_bytes(count: float) -> str:
+    """``1536`` → ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
-    return f"{count:.2f} GiB"
+    return ""
 
 
-def vcon_summary(model: nn.Module) -> VConSummary:
-    """Per-method summary of a patched model: layers, params and bytes before → after, sparsity / bits / rank.
+def _readable(tensor: torch.Tensor) -> torch.Tensor:
+    # A rank that loaded no weights (FSDP cpu_ram_efficient_loading: rank 0 broadcasts them when sharding) holds meta
+    # tensors; zeros of the same shape give the same sizes, and its logs are never reported.
+    return torch.zeros(tensor.shape, dtype=tensor.dtype) if tensor.is_meta else tensor
+
+
+def vcon_summary(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> VConSummary:
+    """What VCON compresses in a patched model: per layer its method, setting, params and bytes before → after.
+
+    Args:
+        model: a model patched by :func:`hf_vcon.apply_vcon` (possibly wrapped).
+        state_dict: the model's full state dict, when its modules hold only shards (FSDP, ZeRO-3).
 
     Raises:
         VConError: if the model has no VCON layers.
     """
     state = require_state(model, "vcon_summary")
-    layers = tuple(
-        LayerSummary(
-            name=name,
-            shape=(layer.out_features, layer.in_features),
-            stats=layer.compressor.stats(layer.latent_weight().detach(), layer.compressed_params()),
-        )
-        for name, layer in zip(state.targeted_module_names, state.layers)
-    )
-    return VConSummary(method=state.config.method, beta=get_beta(model), layers=layers)
+    layers = []
+    for name, layer, weight, params in layer_tensors(state, state_dict):
+        weight, params = _readable(weight), {key: _readable(value) for key, value in params.items()}
+        layers.append(LayerSummary(name=name, shape=tuple(weight.shape), method=layer.compressor.name,
+                                   stats=layer.compressor.stats(weight, params)))
+    return VConSummary(method=state.config.method, beta=state.beta, layers=tuple(layers))

@@ -3,6 +3,10 @@
 Grammar (as in PEFT's ``LoraConfig``): a list entry matches a module name exactly or as a dotted suffix
 (``"query"`` matches ``"bert.encoder.layer.0.attention.self.query"``); a string is a regular expression
 ``re.fullmatch``-ed against the full module name; ``"all-linear"`` is every Linear/Conv1D but the output head.
+
+The keys of ``module_overrides`` follow PEFT's ``rank_pattern`` rule (:func:`matches_pattern`): a key is a regular
+expression that must match the full module name or a dotted suffix of it, so both ``"query"`` and
+``r".*attention.*"`` work.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import re
 from typing import Optional, Union
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from .linears import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
-LINEAR_TYPES = (nn.Linear, Conv1D)
 # Attribute names of classification heads that "all-linear" leaves out (PEFT's SEQ_CLS_HEAD_NAMES).
 HEAD_ATTRIBUTE_NAMES = ("classifier", "score")
 
@@ -35,6 +39,20 @@ def matches(name: str, targets: Targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == target or name.endswith(f".{target}") for target in targets)
+
+
+def matches_pattern(name: str, pattern: str) -> bool:
+    """True if regex ``pattern`` matches module ``name`` whole or a dotted suffix of it (PEFT's ``rank_pattern`` rule).
+
+    Example:
+        >>> matches_pattern("bert.encoder.layer.0.attention.self.query", "query")
+        True
+        >>> matches_pattern("bert.encoder.layer.0.attention.self.query", r".*attention.*")
+        True
+        >>> matches_pattern("bert.encoder.layer.0.attention.self.query", "uery")
+        False
+    """
+    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
 
 
 def output_head_names(model: nn.Module) -> set[str]:

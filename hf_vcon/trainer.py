@@ -22,11 +22,10 @@ from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
-from .export import model_card, save_merged, summary_from_state_dict
-from .model import apply_vcon, compressed_view, get_beta, get_vcon_state, release_dense_paths, set_step, unwrap_model
-from .summary import LayerSummary, VConSummary, vcon_summary
-
-TRAINING_ARGS_NAME = "training_args.bin"
+from .exporter import export_run, write_card, write_checkpoint_config
+from .model import apply_vcon, compressed_view, get_beta, release_dense_paths, set_step
+from .state import get_vcon_state, unwrap_model
+from .summary import VConSummary, vcon_summary
 
 
 class VConCallback(TrainerCallback):
@@ -38,17 +37,27 @@ class VConCallback(TrainerCallback):
     starts, and ``vcon/beta`` plus the compression metrics (``vcon/sparsity``, ``vcon/rank``, ``vcon/bits``,
     ``vcon/size_ratio``) are added to the Trainer's logs.
 
+    It saves as :class:`VConTrainer` does (:mod:`hf_vcon.exporter`): every ``checkpoint-N`` folder gets
+    ``vcon_config.json``, and when ``train()`` ends the merged compressed model, its configs, processing class and
+    model card are written to ``args.output_dir``. A plain ``Trainer.save_model()`` called after that writes the
+    Trainer's resumable training state there instead (dense weights plus VCON tensors, which plain
+    ``from_pretrained`` cannot use): with the callback, let ``train()`` write the model, or call
+    :func:`hf_vcon.save_merged`.
+
     Args:
         vcon_config: the configuration; may be omitted if the model was patched with :func:`hf_vcon.apply_vcon`.
+        export_at_train_end: write the merged model to ``args.output_dir`` when training ends (on the saving
+            process; not under FSDP / DeepSpeed, whose modules hold shards: use :class:`VConTrainer` there).
     """
 
-    def __init__(self, vcon_config: Optional[VConConfig] = None) -> None:
+    def __init__(self, vcon_config: Optional[VConConfig] = None, *, export_at_train_end: bool = True) -> None:
         if vcon_config is not None and not isinstance(vcon_config, VConConfig):
             raise TypeError(f"vcon_config must be a VConConfig, not {type(vcon_config).__name__}.")
         self.vcon_config = vcon_config
+        self.export_at_train_end = export_at_train_end
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
-        self._summary_compressor = None
+        self._summary_version: Optional[int] = None
         self._released = False
         self._last_step: Optional[int] = None
 
@@ -71,11 +80,9 @@ class VConCallback(TrainerCallback):
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
-        self._summary_compressor = get_vcon_state(inner).layers[0].compressor
         return inner
 
-    @staticmethod
-    def _summary_from_full_weights(model: nn.Module) -> VConSummary:
+    def _summary_from_full_weights(self, model: nn.Module) -> VConSummary:
         """The compression's summary, taken before the Trainer shards the model (FSDP, ZeRO-3) for training.
 
         It describes the compression's shape (kept weights, bits, rank), which training does not change; taken here
@@ -83,20 +90,8 @@ class VConCallback(TrainerCallback):
         load time are gathered for it.
         """
         state = get_vcon_state(model)
-        tensors = [tensor for layer in state.layers for tensor in layer.parameters()]
-        if any(tensor.is_meta for tensor in tensors):
-            # A rank that loaded no weights (FSDP cpu_ram_efficient_loading: rank 0 broadcasts them when sharding). Its
-            # logs are never reported; placeholders of the right shapes, one layer at a time, keep it from failing.
-            def placeholder(tensor: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(tensor.shape, dtype=tensor.dtype)
-
-            layers = tuple(
-                LayerSummary(name=name, shape=(layer.out_features, layer.in_features), stats=layer.compressor.stats(
-                    placeholder(layer.latent_weight()), {key: placeholder(value) for key, value in layer.compressed_params().items()}))
-                for name, layer in zip(state.targeted_module_names, state.layers)
-            )
-            return VConSummary(method=state.config.method, beta=state.layers[0].beta, layers=layers)
-        with gathered_for_reading(tensors):
+        self._summary_version = state.compression_version
+        with gathered_for_reading([tensor for layer in state.layers for tensor in layer.parameters()]):
             return vcon_summary(model)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -126,22 +121,39 @@ class VConCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         beta = self.update(state.global_step, state.max_steps)
-        if beta == 0.0 and not self._released and not get_vcon_state(self.model).blocks:
+        if beta == 0.0 and not self._released:
             # Low-rank layers now compute only B(Ax): stop updating their dense W and drop its optimizer state.
             release_dense_paths(self.model, optimizer)
             self._released = True
 
-    def on_train_end(self, args, state, control, **kwargs):
+    # ----------------------------------------------------------------------------------------- saving
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save and self.model is not None:
+            write_checkpoint_config(self.model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, processing_class=None, **kwargs):
         self.update(state.global_step, state.max_steps)  # the model as it stands after the last update
+        if not self.export_at_train_end or not args.should_save:
+            return
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            warnings.warn(
+                "VConCallback does not export the merged model under FSDP / DeepSpeed (its modules hold shards); use "
+                "VConTrainer, whose save_model() gathers the full weights.",
+                VConWarning,
+                stacklevel=2,
+            )
+            return
+        export_run(self.model, args.output_dir, training_args=args, trainer_state=state,
+                   processing_class=processing_class or kwargs.get("tokenizer"))
 
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:
         """``vcon/beta`` and the compression metrics of the compressed path."""
-        compressor = get_vcon_state(self.model).layers[0].compressor
-        if self.summary is None or compressor is not self._summary_compressor:
-            # Computed again only when the compression changes (GMP's rising sparsity), not at every log.
-            self.summary = summary_from_state_dict(self.model)
-            self._summary_compressor = compressor
+        state = get_vcon_state(self.model)
+        if self.summary is None or state.compression_version != self._summary_version:
+            # Computed again only when the compression changes (a gradual transition's ramp), not at every log.
+            self.summary = vcon_summary(self.model)
+            self._summary_version = state.compression_version
         metrics = {f"vcon/{key}": value for key, value in self.summary.metrics().items()}
         return {"vcon/beta": get_beta(self.model), **metrics, "vcon/size_ratio": self.summary.size_ratio}
 
@@ -183,7 +195,7 @@ class VConTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("VConTrainer needs model=: model_init (hyperparameter search) is not supported.")
-        self.vcon_callback = VConCallback(vcon_config)
+        self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False)  # save_model() exports
         self.vcon_callback.attach(model)
         self.evaluate_compressed = evaluate_compressed
         self._sharding_checked = False
@@ -245,11 +257,13 @@ class VConTrainer(Trainer):
         ``vcon_config.json`` instead, so that training can resume from them.
         """
         if _internal_call and output_dir is not None and os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
-            super().save_model(output_dir, _internal_call=True)
-            if self.args.should_save:
-                self.vcon_config.save_pretrained(output_dir)
+            super().save_model(output_dir, _internal_call=True)  # VConCallback.on_save adds vcon_config.json
             return
-        self._save_merged(output_dir or self.args.output_dir)
+        state_dict = self._full_state_dict()  # every rank takes part in the gather
+        if self.args.should_save:
+            self.vcon_summary = export_run(self.model, output_dir or self.args.output_dir, training_args=self.args,
+                                           trainer_state=self.state, processing_class=self.processing_class,
+                                           state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
@@ -288,55 +302,13 @@ class VConTrainer(Trainer):
                 ) from error
         return None
 
-    def _save_merged(self, output_dir: str) -> None:
-        state_dict = self._full_state_dict()
-        if not self.args.should_save:
-            return
-        beta = get_beta(self.model)
-        if beta > 0:
-            warnings.warn(
-                f"Saving the merged compressed model while β = {beta:.4g} > 0: it is the compressed model (β = 0), not "
-                "the blended model being trained. Train past the transition (transition_steps) for the two to agree.",
-                VConWarning,
-                stacklevel=3,
-            )
-        current = get_vcon_state(self.model).layers[0].compressor.config.sparsity
-        if self.vcon_config.transition == "gmp" and current < self.vcon_config.sparsity:
-            warnings.warn(
-                f"Saving a gradual-magnitude-pruning model mid-ramp: it is {current:.4g} sparse, not the "
-                f"sparsity={self.vcon_config.sparsity} it is being pruned to. Train past transition_steps first.",
-                VConWarning,
-                stacklevel=3,
-            )
-        os.makedirs(output_dir, exist_ok=True)
-        self.vcon_summary = save_merged(self.model, output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        self._write_model_card(output_dir)
-
-    def _latest_eval_metrics(self) -> dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            metrics = {key: value for key, value in entry.items() if key.startswith("eval_") or key.startswith("test_")}
-            if metrics:
-                return metrics
-        return {}
-
-    def _write_model_card(self, output_dir: str, model_name: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
-        summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or summary_from_state_dict(self.model)
-        max_steps = self.state.max_steps or None
-        transition = self.vcon_config.resolve_transition_steps(max_steps) if (
-            isinstance(self.vcon_config.transition_steps, int) or max_steps) else None
-        card = model_card(self.model, summary, transition_steps=transition, metrics=self._latest_eval_metrics(),
-                          model_name=model_name or os.path.basename(os.path.normpath(output_dir)), extra_tags=tags)
-        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
-
     def create_model_card(self, model_name: Optional[str] = None, tags=None, **kwargs: Any) -> None:
         """Write the VCON model card (method, setting, Q, sizes, metrics, versions) to ``args.output_dir``."""
         if not self.is_world_process_zero():
             return
-        self._write_model_card(self.args.output_dir, model_name=model_name, tags=[tags] if isinstance(tags, str) else tags)
+        summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
+        write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
+                   tags=[tags] if isinstance(tags, str) else tags)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
         """Upload the merged compressed model folder (not the training checkpoints) with its model card."""

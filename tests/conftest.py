@@ -1,8 +1,14 @@
-"""Tiny models built from configs (no Hub) and the registry-driven method matrix shared by the tests."""
+"""Tiny models built from configs (no Hub) and the registry-driven method matrix shared by the tests.
+
+Compressions that live outside the package register themselves from ``tests/plugins/*.py`` (each imported here),
+so the matrix below covers them with no other edit.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 
 import pytest
 import torch
@@ -23,13 +29,16 @@ from transformers import (  # noqa: E402
 )
 
 from hf_vcon import VConConfig, available_compressors  # noqa: E402
+from hf_vcon.compressors import compressor_class  # noqa: E402
 
-# One or more settings per registered method: a new compressor needs a line here and is then tested everywhere.
-METHOD_SETTINGS = {
-    "prune": [dict(sparsity=0.5), dict(sparsity=0.75, prune_pattern="row"), dict(prune_pattern="2:4")],
-    "binary": [dict(), dict(binary_scale="channel")],
-    "lowrank": [dict(rank=3), dict(rank_ratio=0.25)],
-}
+PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+for _plugin in pkgutil.iter_modules([PLUGINS]):
+    importlib.import_module(f"plugins.{_plugin.name}")
+
+BUILT_IN = ("binary", "lowrank", "prune")
+# Every registered method with the settings it declares (``example_options``): the matrix the tests run.
+METHOD_SETTINGS = {method: [dict(options) for options in compressor_class(method).example_options]
+                   for method in available_compressors()}
 SETTING_CASES = [
     pytest.param(method, setting, id=f"{method}-{'-'.join(f'{k}={v}' for k, v in setting.items()) or 'default'}")
     for method in available_compressors()

@@ -38,9 +38,11 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 from hf_vcon import VConConfig, VConTrainer, apply_vcon, get_beta, get_vcon_state, save_merged, set_step  # noqa: E402
 from hf_vcon.distributed import check_sharding  # noqa: E402
 
-from conftest import TinyTextDataset  # noqa: E402  (this script's folder is on sys.path)
+import conftest  # noqa: E402  (this script's folder is on sys.path; it registers the tests' plugin compressions)
+from conftest import TinyTextDataset  # noqa: E402
 
-METHOD_SETTINGS = {"prune": dict(sparsity=0.5), "binary": dict(), "lowrank": dict(rank=4)}
+# Every registered method with its first example setting, as the tests' matrix has it.
+METHOD_SETTINGS = {method: settings[0] for method, settings in conftest.METHOD_SETTINGS.items()}
 MAX_STEPS = 6
 TRANSITION_STEPS = 3  # β = 1, 2/3, 1/3, then 0 from step 3 on: the transition ends inside the run
 SAVE_STEPS = 2  # one checkpoint mid-transition (β = 1/3 next), written by the Trainer with the VCON layers

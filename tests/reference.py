@@ -1,4 +1,4 @@
-"""Naive, independent (numpy) reference implementations of the three compressions, for the tests."""
+"""Naive, independent (numpy) reference implementations of the built-in compressions, for the tests."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ def _keep_largest_rows(scores: np.ndarray, keep: int) -> np.ndarray:
     return mask
 
 
-def reference_compressed(weight: torch.Tensor, config) -> torch.Tensor:
-    """C(W) for W ``(out, in)`` built by hand from the method's definition."""
+REFERENCE_METHODS = ("binary", "lowrank", "prune")
+
+
+def reference_compressed(weight: torch.Tensor, setting) -> torch.Tensor:
+    """C(W) for W ``(out, in)`` built by hand from the method's definition; ``setting`` has ``.method`` and
+    ``.options`` (a ``VConConfig`` or a ``LayerSetting``)."""
     w = weight.detach().double().numpy()
-    if config.method == "prune":
+    config = setting.options
+    if setting.method == "prune":
         pattern, s = config.prune_pattern, config.sparsity
         if pattern == "layer":
             keep = w.size - round(w.size * s)
@@ -27,13 +32,13 @@ def reference_compressed(weight: torch.Tensor, config) -> torch.Tensor:
             n, m = (int(x) for x in pattern.split(":"))
             mask = _keep_largest_rows(np.abs(w).reshape(w.shape[0], -1, m), n).reshape(w.shape)
         c = w * mask
-    elif config.method == "binary":
+    elif setting.method == "binary":
         axis = 1 if config.binary_scale == "channel" else None
         c = np.sign(w) * np.abs(w).mean(axis=axis, keepdims=axis is not None)
-    elif config.method == "lowrank":
+    elif setting.method == "lowrank":
         rank = config.rank or max(1, round(config.rank_ratio * min(w.shape)))
         u, s, vh = np.linalg.svd(w, full_matrices=False)
         c = (u[:, :rank] * s[:rank]) @ vh[:rank]
     else:
-        raise NotImplementedError(config.method)
+        raise NotImplementedError(setting.method)
     return torch.from_numpy(c).to(weight.dtype)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from hf_vcon import VConConfig, beta_at
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,7 +29,9 @@ def test_accuracy_benchmark_runs_every_arm_and_writes_table_and_pictures(tmp_pat
         ("binary", "post-shot"), ("binary", "vcon"), ("prune", "gmp"), ("prune", "post-shot"), ("prune", "vcon")]
     assert all(r["final_beta"] == 0.0 and len(r["curve"]) == 2 for r in records)
     vcon = next(r for r in records if r["arm"] == "vcon")
-    assert vcon["curve"][0]["beta"] == pytest.approx(1 - 4 / 2, abs=1) and vcon["curve"][-1]["beta"] == 0.0
+    q = VConConfig(transition_steps=0.2).resolve_transition_steps(8)  # the default --transition of an 8-step run
+    assert [point["step"] for point in vcon["curve"]] == [4, 8]
+    assert [point["beta"] for point in vcon["curve"]] == [beta_at(4, q), beta_at(8, q)] == [0.0, 0.0]
     gmp = next(r for r in records if r["arm"] == "gmp")
     assert gmp["curve"][-1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     table = (tmp_path / "accuracy.md").read_text()

@@ -65,7 +65,9 @@ def test_round_trip_equals_merged_model(kind, method, setting, tmp_path):
             torch.testing.assert_close(module.weight, merged.get_submodule(name).weight, atol=0, rtol=0)
     config = json.loads((tmp_path / "config.json").read_text())
     assert "quantization_config" not in config
-    assert json.loads((tmp_path / COMPACT_CONFIG_NAME).read_text())["format_version"] == 1
+    manifest = json.loads((tmp_path / COMPACT_CONFIG_NAME).read_text())
+    assert manifest["format_version"] == 2
+    assert {entry["method"] for entry in manifest["layers"].values()} == {method}
 
 
 def _packed_bytes(folder) -> int:
@@ -141,15 +143,18 @@ def _first_layer(manifest):
     return next(iter(manifest["layers"]))
 
 
+def _edit_options(folder, **changes):
+    """Change the options every layer of the manifest records."""
+    _edit_manifest(folder, lambda m: [entry["options"].update(changes) for entry in m["layers"].values()])
+
+
 MISMATCHES = {
     "newer format": ("binary", {}, lambda f: _edit_manifest(f, lambda m: m.update(format_version=99)), "format_version 99"),
     "not a manifest": ("binary", {}, lambda f: _edit_manifest(f, lambda m: m.update(format="other")), "manifest"),
-    "config rank differs": ("lowrank", {"rank": 3},
-                            lambda f: _edit_manifest(f, lambda m: m["vcon_config"].update(rank=2)), "shape"),
-    "config scale differs": ("binary", {}, lambda f: _edit_manifest(
-        f, lambda m: m["vcon_config"].update(binary_scale="channel")), "scale"),
-    "config sparsity differs": ("prune", {"sparsity": 0.5}, lambda f: _edit_manifest(
-        f, lambda m: m["vcon_config"].update(sparsity=0.75)), "keep"),
+    "config rank differs": ("lowrank", {"rank": 3}, lambda f: _edit_options(f, rank=2), "shape"),
+    "config scale differs": ("binary", {}, lambda f: _edit_options(f, binary_scale="channel"), "scale"),
+    "config sparsity differs": ("prune", {"sparsity": 0.5}, lambda f: _edit_options(f, sparsity=0.75), "keep"),
+    "unknown option": ("binary", {}, lambda f: _edit_options(f, bits=3), "not an option"),
     "missing packed tensor": ("binary", {}, lambda f: _edit_tensors(
         f, lambda t: t.pop(next(k for k in t if k.endswith(".vcon.signs")))), "lacks tensor"),
     "stray packed tensor": ("binary", {}, lambda f: _edit_tensors(
@@ -189,3 +194,13 @@ def test_block_wise_round_trip_equals_the_merged_model(method, setting, tmp_path
     loaded = load_compressed(tmp_path).eval()
     torch.testing.assert_close(logits(loaded, "bert"), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(merge_and_unload(model), "bert"), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("folder, kind", [("compact_binary", "bert"), ("compact_lowrank_gpt2", "gpt2")])
+def test_folders_written_by_hf_vcon_0_1_still_load(folder, kind):
+    """Compact format 1 (hf_vcon 0.1: one setting for every layer, the config's) loads as written."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1", folder)
+    assert json.loads(open(os.path.join(path, COMPACT_CONFIG_NAME)).read())["format_version"] == 1
+    expected = torch.tensor(json.loads(open(os.path.join(path, "expected_logits.json")).read()))
+    got = logits(load_compressed(path), kind)
+    torch.testing.assert_close(got if kind == "bert" else got[0, :3], expected, atol=1e-5, rtol=0)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -56,7 +59,9 @@ def test_bad_config_raises_naming_the_field(kwargs, error, message):
 def test_defaults_are_resolved_per_method():
     assert VConConfig(method="prune").sparsity == 0.9 and VConConfig(method="prune").prune_pattern == "layer"
     assert VConConfig(method="prune", prune_pattern="2:4").sparsity == 0.5
-    assert VConConfig(method="binary").binary_scale == "tensor" and VConConfig(method="binary").sparsity is None
+    assert VConConfig(method="binary").binary_scale == "tensor"
+    with pytest.raises(AttributeError, match=r"method='binary' has no 'sparsity' \(an option of method='prune'\)"):
+        VConConfig(method="binary").sparsity
     assert VConConfig(method="lowrank", rank=8).rank_ratio is None
 
 
@@ -93,8 +98,12 @@ def test_fraction_of_max_steps():
 
 
 # -------------------------------------------------------------------------------------------- schedules
-def test_schedule_names_match_the_config():
+def test_schedule_and_transition_names_match_the_config():
+    from hf_vcon.config import TRANSITIONS
+    from hf_vcon.transitions import TRANSITIONS as TRANSITION_OBJECTS
+
     assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES)
+    assert set(TRANSITION_OBJECTS) == set(TRANSITIONS)
 
 
 @pytest.mark.parametrize(
@@ -218,3 +227,95 @@ def test_block_granularity_on_transformers_4_is_a_clear_error():
     with pytest.raises(VConError, match=r"granularity='block' needs transformers >= 5"):
         apply_vcon(model, VConConfig(method="binary", granularity="block", target_blocks=r"bert\.encoder\.layer\.\d+"))
     _assert_unchanged(model, snapshot)
+
+
+# ------------------------------------------------------------------------------- format versions
+V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1")
+V1_EXPECTED = {
+    "prune.json": VConConfig(method="prune", sparsity=0.9),
+    "lowrank_targets.json": VConConfig(method="lowrank", rank_ratio=0.25, target_modules=["query", "value"],
+                                       transition_steps=100, start_step=5, schedule="cosine"),
+    "binary_blocks.json": VConConfig(method="binary", binary_scale="channel", granularity="block",
+                                     target_blocks=r"bert\.encoder\.layer\.\d+", stagger=True, transition_steps=0.3,
+                                     block_order=["bert.encoder.layer.1", "bert.encoder.layer.0"]),
+    "gmp_row.json": VConConfig(method="prune", sparsity=0.8, prune_pattern="row", transition="gmp",
+                               transition_steps=50, recompute_every=2),
+    "nm.json": VConConfig(method="prune", prune_pattern="2:4", exclude_modules=r".*pooler.*"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V1_EXPECTED))
+def test_files_written_by_hf_vcon_0_1_still_load(name):
+    """vcon_config.json files written by hf_vcon 0.1 (format 1: every method's options flat, None where unused)."""
+    data = json.loads(open(os.path.join(V1, name)).read())
+    assert "options" not in data and data["hf_vcon_version"] == "0.1.0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VConWarning)  # nothing of a format-1 file is unknown
+        config = VConConfig.from_pretrained(os.path.join(V1, name))
+    assert config == V1_EXPECTED[name]
+    assert config.to_dict()["format_version"] == 2 and VConConfig.from_dict(config.to_dict()) == config
+
+
+def test_options_as_a_dataclass_a_dict_or_keywords_are_the_same_config():
+    from hf_vcon.compressors.prune import PruneOptions
+
+    flat = VConConfig(method="prune", sparsity=0.75, prune_pattern="row")
+    assert VConConfig(method="prune", options={"sparsity": 0.75, "prune_pattern": "row"}) == flat
+    assert VConConfig(method="prune", options=PruneOptions(sparsity=0.75, prune_pattern="row")) == flat
+    assert VConConfig(method="prune", options=PruneOptions(prune_pattern="row"), sparsity=0.75) == flat
+    assert flat.options == PruneOptions(0.75, "row") and flat.sparsity == 0.75
+    assert dataclasses.replace(flat, transition_steps=0).options == flat.options
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(method="prune", options={"rank": 2}), ValueError, r"rank=2 only applies to method='lowrank'"),
+        (dict(method="prune", options=3), TypeError, r"options must be a PruneOptions or a dict, not int"),
+        (dict(method="binary", options=__import__("hf_vcon.compressors.prune", fromlist=["x"]).PruneOptions()),
+         TypeError, r"are not method='binary''s \(BinaryOptions\)"),
+        (dict(method="prune", nonsense=1), TypeError,
+         r"'nonsense' is not an option of method='prune' \(its options: sparsity, prune_pattern\)"),
+    ],
+)
+def test_bad_options_name_the_option_and_what_is_accepted(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        VConConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------- module_overrides
+def test_overrides_resolve_first_match_and_inherit_the_base_options():
+    config = VConConfig(method="prune", sparsity=0.9, prune_pattern="row", module_overrides={
+        r".*attention.*": {"sparsity": 0.5},
+        r".*query": {"sparsity": 0.1},  # never wins for attention modules: the first match does
+        "intermediate.dense": {"method": "lowrank", "rank_ratio": 0.25},
+    })
+    assert config.setting_for("bert.encoder.layer.0.attention.self.query").options.sparsity == 0.5
+    assert config.setting_for("bert.encoder.layer.0.attention.self.query").options.prune_pattern == "row"  # inherited
+    lowrank = config.setting_for("bert.encoder.layer.1.intermediate.dense")  # a name matches as a dotted suffix
+    assert lowrank.method == "lowrank" and lowrank.options.rank_ratio == 0.25
+    assert config.setting_for("bert.encoder.layer.0.output.dense") == config.setting
+    assert [setting.method for setting in config.settings()] == ["prune", "prune", "prune", "lowrank"]
+    assert VConConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ([".*query"], TypeError, r"module_overrides=\['\.\*query'\] must be a non-empty dict"),
+        ({}, TypeError, r"module_overrides=\{\} must be a non-empty dict"),
+        ({"(bad": {"sparsity": 0.5}}, ValueError, r"module_overrides\['\(bad'\]: the key is not a valid regular"),
+        ({".*query": 0.5}, TypeError, r"module_overrides\['\.\*query'\]: the setting must be a non-empty dict"),
+        ({".*query": {"sparsity": 1.5}}, ValueError, r"module_overrides\['\.\*query'\]: sparsity=1.5 must be a number"),
+        ({".*query": {"method": "int9"}}, ValueError, r"module_overrides\['\.\*query'\]: method='int9' is not known"),
+        ({".*query": {"method": "lowrank"}}, ValueError,
+         r"module_overrides\['\.\*query'\]: method='lowrank' needs exactly one of rank"),
+        ({".*query": {"rank": 4}}, ValueError,
+         r"module_overrides\['\.\*query'\]: rank=4 only applies to method='lowrank', but method='prune'"),
+        ({".*query": {"transition_steps": 4}}, TypeError,
+         r"module_overrides\['\.\*query'\]: 'transition_steps' is not an option of method='prune'"),
+    ],
+)
+def test_bad_overrides_name_the_pattern(overrides, error, message):
+    with pytest.raises(error, match=message):
+        VConConfig(method="prune", module_overrides=overrides)

@@ -1,4 +1,8 @@
-"""The VCON layer, the three compressions, patching and merge on tiny BERT, ViT, GPT-2 and Llama models."""
+"""The VCON layer, every registered compression, patching and merge on tiny BERT, ViT, GPT-2 and Llama models.
+
+The generic properties are checked against each compression's own definition of C (so a plugin is tested the moment
+it registers); the built-in compressions' definitions are checked against naive numpy references.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,18 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from conftest import METHOD_CASES, METHOD_SETTINGS, SETTING_CASES, build, logits, tiny_bert, vcon_config
+from conftest import METHOD_CASES, SETTING_CASES, build, logits, tiny_bert, vcon_config
 from hf_vcon import (
     VConError,
     VConLinear,
     apply_vcon,
-    available_compressors,
     get_vcon_state,
     merge_and_unload,
     set_beta,
     unload,
     vcon_summary,
 )
-from reference import reference_compressed
+from reference import REFERENCE_METHODS, reference_compressed
 
 KINDS = ["bert", "vit", "gpt2", "llama"]
 AUTO_CLASSES = {
@@ -32,10 +35,6 @@ AUTO_CLASSES = {
     "gpt2": AutoModelForCausalLM,
     "llama": AutoModelForCausalLM,
 }
-
-
-def test_every_registered_method_is_in_the_test_matrix():
-    assert set(METHOD_SETTINGS) == set(available_compressors())
 
 
 def patched(kind: str, method: str, setting: dict, **overrides):
@@ -59,18 +58,25 @@ def test_beta_one_is_the_original_model(kind, method, setting):
 
 
 # ------------------------------------------------------------------------------------------ 2. β = 0
+def expected_compressed(layer: VConLinear, setting) -> torch.Tensor:
+    """C of a layer: the naive numpy reference for the built-in methods, the compression's definition otherwise."""
+    if setting.method in REFERENCE_METHODS:
+        return reference_compressed(layer.latent_weight(), setting)
+    return layer.compressed_weight()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method, setting", SETTING_CASES)
-def test_beta_zero_equals_merged_model_and_naive_reference(kind, method, setting):
+def test_beta_zero_equals_merged_model_and_the_definition(kind, method, setting):
     original, model = patched(kind, method, setting)
-    config = get_vcon_state(model).config
+    state = get_vcon_state(model)
     set_beta(model, 0.0)
     blended = logits(model, kind)
 
     reference = copy.deepcopy(original)
-    for name in get_vcon_state(model).targeted_module_names:
+    for name, layer, layer_setting in state.named_layers():
         module = reference.get_submodule(name)
-        compressed = reference_compressed(as_linear_weight(module), config)
+        compressed = expected_compressed(layer, layer_setting)
         with torch.no_grad():
             module.weight.copy_(compressed.t() if isinstance(module, Conv1D) else compressed)
     merged = merge_and_unload(copy.deepcopy(model))
@@ -79,12 +85,19 @@ def test_beta_zero_equals_merged_model_and_naive_reference(kind, method, setting
     torch.testing.assert_close(blended, logits(reference, kind), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method, setting", [case for case in SETTING_CASES if case.values[0] in REFERENCE_METHODS])
+def test_built_in_definitions_match_the_naive_references(method, setting):
+    _, model = patched("bert", method, setting)
+    for _, layer, layer_setting in get_vcon_state(model).named_layers():
+        reference = reference_compressed(layer.latent_weight(), layer_setting)
+        torch.testing.assert_close(layer.compressed_weight(), reference, atol=1e-5, rtol=1e-5)
+
+
 # -------------------------------------------------------------------------------------- 3. 0 < β < 1
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method, setting", SETTING_CASES)
 def test_intermediate_beta_blends_two_plain_linears(kind, method, setting):
     _, model = patched(kind, method, setting)
-    config = get_vcon_state(model).config
     set_beta(model, 0.3)
     for layer in get_vcon_state(model).layers:
         x = torch.randn(5, layer.in_features)
@@ -92,9 +105,7 @@ def test_intermediate_beta_blends_two_plain_linears(kind, method, setting):
         compressed = nn.Linear(layer.in_features, layer.out_features)
         with torch.no_grad():
             dense.weight.copy_(layer.latent_weight())
-            # g is defined by its trainable factors for low-rank, by C(W) otherwise (test 2 checks both)
-            g_weight = layer.vcon_B @ layer.vcon_A if method == "lowrank" else reference_compressed(layer.latent_weight(), config)
-            compressed.weight.copy_(g_weight)
+            compressed.weight.copy_(layer.compressed_weight())  # the definition (test 2 checks it)
             bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
             dense.bias.copy_(bias)
             compressed.bias.copy_(bias)
@@ -121,26 +132,25 @@ def test_gradients_match_the_method(method, setting, conv1d, beta):
     upstream = torch.randn(6, 12)
     (layer(x) * upstream).sum().backward()
 
-    if layer.compressor.straight_through:
+    if layer.compressor.trains_straight_through:
         # Straight-through: W receives exactly the gradient of the effective weight.
         latent = layer.latent_weight().detach()
-        w_eff = (beta * latent + (1 - beta) * reference_compressed(latent, layer.compressor.config)).requires_grad_(True)
+        w_eff = (beta * latent + (1 - beta) * layer.compressed_weight()).requires_grad_(True)
         x_ref = x.detach().requires_grad_(True)
         (F.linear(x_ref, w_eff, layer.bias.detach()) * upstream).sum().backward()
         torch.testing.assert_close(_oriented_grad(layer), w_eff.grad)
         torch.testing.assert_close(x.grad, x_ref.grad)
         return
-    # Low-rank: autograd through a naive two-path reference β·f(x) + (1−β)·g(x).
+    # Tensors of its own (low-rank): autograd through a naive two-path reference β·f(x) + (1−β)·g(x), g = C·x + b.
     w = layer.latent_weight().detach().clone().requires_grad_(True)
-    a = layer.vcon_A.detach().clone().requires_grad_(True)
-    b = layer.vcon_B.detach().clone().requires_grad_(True)
+    params = {key: value.detach().clone().requires_grad_(True) for key, value in layer.compressed_params().items()}
     bias = layer.bias.detach().clone().requires_grad_(True)
     x_ref = x.detach().requires_grad_(True)
-    out = beta * F.linear(x_ref, w, bias) + (1 - beta) * F.linear(F.linear(x_ref, a), b, bias)
+    out = beta * F.linear(x_ref, w, bias) + (1 - beta) * F.linear(x_ref, layer.compressor.compose(params), bias)
     (out * upstream).sum().backward()
     torch.testing.assert_close(_oriented_grad(layer), w.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.vcon_A.grad, a.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.vcon_B.grad, b.grad, atol=1e-5, rtol=1e-5)
+    for key, value in layer.compressed_params().items():
+        torch.testing.assert_close(value.grad, params[key].grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.bias.grad, bias.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
 
@@ -156,7 +166,7 @@ def _oriented_grad(layer: VConLinear) -> torch.Tensor:
 def test_merged_model_is_compressed_and_reloads(kind, method, setting, tmp_path):
     original, model = patched(kind, method, setting)
     state = get_vcon_state(model)
-    config, names = state.config, list(state.targeted_module_names)
+    compressed = {name: (layer.compressed_weight(), layer_setting) for name, layer, layer_setting in state.named_layers()}
     set_beta(model, 0.0)
     expected = logits(model, kind)
     merged = merge_and_unload(model)
@@ -165,17 +175,22 @@ def test_merged_model_is_compressed_and_reloads(kind, method, setting, tmp_path)
     assert not any(isinstance(m, VConLinear) for m in merged.modules())
     fresh = {key: value.shape for key, value in original.state_dict().items()}
     assert {key: value.shape for key, value in merged.state_dict().items()} == fresh
-    for name in names:
-        _assert_compressed(as_linear_weight(merged.get_submodule(name)).detach(), config)
+    for name, (weight, layer_setting) in compressed.items():
+        merged_weight = as_linear_weight(merged.get_submodule(name)).detach()
+        assert torch.equal(merged_weight, weight)
+        if layer_setting.method in REFERENCE_METHODS:
+            _assert_compressed(merged_weight, layer_setting)
 
     merged.save_pretrained(tmp_path)
     reloaded = AUTO_CLASSES[kind].from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, kind), expected, atol=1e-5, rtol=0)
 
 
-def _assert_compressed(weight: torch.Tensor, config) -> None:
+def _assert_compressed(weight: torch.Tensor, setting) -> None:
+    """The structure a built-in method promises: exact sparsity, one magnitude, rank ≤ r."""
     out_features, in_features = weight.shape
-    if config.method == "prune":
+    config = setting.options
+    if setting.method == "prune":
         if config.prune_pattern == "layer":
             assert int((weight == 0).sum()) == round(weight.numel() * config.sparsity)
         elif config.prune_pattern == "row":
@@ -183,7 +198,7 @@ def _assert_compressed(weight: torch.Tensor, config) -> None:
         else:
             n, m = (int(x) for x in config.prune_pattern.split(":"))
             assert ((weight.view(out_features, -1, m) != 0).sum(dim=-1) == n).all()
-    elif config.method == "binary":
+    elif setting.method == "binary":
         rows = weight if config.binary_scale == "channel" else weight.reshape(1, -1)
         for row in rows:
             magnitudes = row.abs().unique()

@@ -148,6 +148,18 @@ def test_vision_script_compare_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
 
 
+def test_glue_script_takes_per_module_settings_as_json(tiny_text_model, csv_files, tmp_path):
+    glue = load_script(GLUE)
+    out = str(tmp_path / "out")
+    glue.main(glue_args(tiny_text_model, csv_files, out, "--vcon_sparsity", "0.5", "--vcon_transition_steps", "2",
+                        "--vcon_module_overrides", '{"query": {"sparsity": 0.25}}', "--max_steps", "3"))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    zeros = {key: float((value == 0).float().mean()) for key, value in model.state_dict().items()
+             if key.endswith(("query.weight", "key.weight"))}
+    assert zeros and all(value == pytest.approx(0.25 if "query" in key else 0.5, abs=1e-3) for key, value in zeros.items())
+    assert read_json(os.path.join(out, "vcon_config.json"))["module_overrides"] == {"query": {"sparsity": 0.25}}
+
+
 def test_glue_script_dense_reference_in_process(tiny_text_model, csv_files, tmp_path):
     """--vcon_method none: a plain Trainer, a plain checkpoint."""
     glue = load_script(GLUE)
@@ -179,8 +191,12 @@ def expect_usage_error(script: str, argv: list[str], flag: str, capsys) -> str:
         (["--task_name", "sst2", "--vcon_method", "lowrank", "--vcon_rank_ratio", "1.5"], "--vcon_rank_ratio"),
         (["--task_name", "sst2", "--vcon_method", "none", "--vcon_sparsity", "0.5"], "--vcon_sparsity"),
         (["--task_name", "sst2", "--vcon_transition_steps", "soon"], "--vcon_transition_steps"),
+        (["--task_name", "sst2", "--vcon_module_overrides", "{query: 1}"], "--vcon_module_overrides"),
+        (["--task_name", "sst2", "--vcon_module_overrides", '{"query": {"sparsity": 2}}'], "--vcon_module_overrides"),
+        (["--task_name", "sst2", "--vcon_method", "binary", "--vcon_rank", "2"], "--vcon_rank"),
     ],
-    ids=["unknown-task", "missing-files", "no-data", "unknown-method", "bad-rank-ratio", "option-of-none", "bad-q"],
+    ids=["unknown-task", "missing-files", "no-data", "unknown-method", "bad-rank-ratio", "option-of-none", "bad-q",
+         "overrides-not-json", "overrides-bad-option", "option-of-another-method"],
 )
 def test_glue_script_rejects_bad_flags(argv, flag, tmp_path, capsys):
     error = expect_usage_error(GLUE, ["--model_name_or_path", "unused", "--output_dir", str(tmp_path / "o"), *argv],

@@ -135,7 +135,7 @@ def test_saving_a_gmp_model_mid_ramp_warns(tmp_path):
         trainer.train()
         return trainer
 
-    with pytest.warns(VConWarning, match=r"mid-ramp: it is 0\.\d+ sparse, not the sparsity=0.8"):
+    with pytest.warns(VConWarning, match=r"mid-ramp: layer '.*' is at sparsity=0\.\d+, not the sparsity=0.8"):
         trained(2).save_model()
     with warnings_module.catch_warnings():
         warnings_module.simplefilter("error", VConWarning)

@@ -88,9 +88,9 @@ def _count_state_calls(layer: VConLinear) -> list[int]:
     calls = [0]
     original = layer.compressor.compression_state
 
-    def counting(weight, memo=None):
+    def counting(weight, memo=None, **kwargs):
         calls[0] += 1
-        return original(weight, memo)
+        return original(weight, memo, **kwargs)
 
     layer.compressor.compression_state = counting
     return calls

@@ -21,10 +21,10 @@ from hf_vcon import (
     VConError,
     VConTrainer,
     VConWarning,
+    beta_at,
     get_beta,
     get_vcon_state,
     merge_and_unload,
-    save_merged,
     set_beta,
 )
 
@@ -93,7 +93,8 @@ def test_resume_mid_transition_equals_uninterrupted_run(tmp_path, method, settin
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert (checkpoint / "vcon_config.json").is_file()
-    assert 0 < 1 - 4 / 6 < 1  # the checkpoint is mid-transition
+    saved_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    assert 0 < beta_at(saved_step, config.resolve_transition_steps(8)) < 1  # the checkpoint is mid-transition
 
     resumed = make_trainer(tmp_path / "resumed", config, seed=123)  # other init: the checkpoint must overwrite it
     recorder = BetaRecorder(resumed)
@@ -162,8 +163,8 @@ def test_save_model_writes_a_plain_checkpoint_of_the_compressed_model(tmp_path, 
                    "| schedule | linear", "parameters of targeted layers", "bytes of targeted layers",
                    f"| eval_loss | {metrics['eval_loss']:.6g} |", "transformers", "PyTorch"):
         assert needle in card, needle
-    summary_setting = {"prune": "sparsity 0.500", "binary": "1 bit", "lowrank": "rank 3"}[method]
-    assert summary_setting in card
+    assert trainer.vcon_summary.settings and all(setting in card for setting in trainer.vcon_summary.settings)
+    assert trainer.vcon_summary.table() in card  # the layers per setting, with their sizes
 
 
 def test_saved_model_loads_without_hf_vcon(tmp_path):
@@ -206,23 +207,35 @@ def test_evaluate_reports_the_compressed_model_during_the_transition(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 4. VConCallback
-def test_callback_on_a_plain_trainer_trains_and_exports(tmp_path):
+def test_callback_on_a_plain_trainer_trains_and_exports_as_vcon_trainer_does(tmp_path):
+    """The callback's export policy is VConTrainer's: checkpoints get vcon_config.json, and train() ends by writing
+    the merged compressed model (with its configs and card) to output_dir."""
     config = VConConfig(method="lowrank", rank=4, transition_steps=3)
-    trainer = make_trainer(tmp_path, config, trainer_class=Trainer, max_steps=4)
+    trainer = make_trainer(tmp_path, config, trainer_class=Trainer, max_steps=4, save_strategy="steps", save_steps=2)
     assert get_vcon_state(trainer.model) is not None  # patched at the end of Trainer.__init__
     factors = {name for name, _ in trainer.model.named_parameters() if "vcon_" in name}
     trainer.train()
     optimised = {name for name, p in trainer.model.named_parameters() if p in trainer.optimizer.state}
     assert factors and factors <= optimised
 
-    save_merged(trainer.model, tmp_path / "export")
+    assert (tmp_path / "checkpoint-2" / "vcon_config.json").is_file()
+    assert {"model.safetensors", "config.json", "vcon_config.json", "README.md", "training_args.bin"} <= {
+        path.name for path in tmp_path.iterdir()}
     inputs = TinyTextDataset(4, seed=5).input_ids
     trainer.model.eval()
     with torch.no_grad():
         expected = trainer.model(input_ids=inputs).logits
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(reloaded(input_ids=inputs).logits, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(merge_and_unload(trainer.model)(input_ids=inputs).logits, expected, atol=1e-5, rtol=0)
+    assert "| method | lowrank |" in (tmp_path / "README.md").read_text()
+
+
+def test_callback_export_can_be_turned_off(tmp_path):
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=2), train_dataset=TinyTextDataset(),
+                      callbacks=[VConCallback(VConConfig(method="binary"), export_at_train_end=False)])
+    trainer.train()
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_callback_added_too_late_is_a_clear_error(tmp_path):

@@ -1,6 +1,19 @@
-"""Compressions, one per file; importing this package registers them all."""
+"""Compressions, one per file, behind the contract of :mod:`.base`; importing this package registers the built-in
+ones (third-party ones register on import, or through the ``hf_vcon.compressors`` entry points)."""
 
 from . import binary, lowrank, prune  # noqa: F401  (registration happens on import)
-from .base import CompressionStats, Compressor, available_compressors, get_compressor, register_compressor
+from .base import CompressionStats, Compressor, FactorCompressor, WeightCompressor
+from .options import CompressorOptions, option
+from .registry import available_compressors, compressor_class, register_compressor
 
-__all__ = ["CompressionStats", "Compressor", "available_compressors", "get_compressor", "register_compressor"]
+__all__ = [
+    "CompressionStats",
+    "Compressor",
+    "CompressorOptions",
+    "FactorCompressor",
+    "WeightCompressor",
+    "available_compressors",
+    "compressor_class",
+    "option",
+    "register_compressor",
+]

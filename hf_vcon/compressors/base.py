@@ -1,22 +1,33 @@
-"""The compressor contract and its registry.
+"""The compressor contract: two families of compression, each with one definition of the compressed weight C.
 
-A compressor turns a dense weight W into its compressed form C (the path g of VCON). It never sees β or a
-step count: layers hold β and the trainer sets it. Weights are always passed in ``nn.Linear`` orientation,
-``(out_features, in_features)``; layers transpose GPT-2 ``Conv1D`` weights before calling in.
+A compressor turns a layer's dense weight W into the compressed weight C of VCON's path g. It never sees β or an
+optimizer step: layers hold β, the transition sets it (:mod:`hf_vcon.transitions`). Weights are always in
+``nn.Linear`` orientation ``(out_features, in_features)`` (:mod:`hf_vcon.linears` handles GPT-2's ``Conv1D``).
+
+- :class:`WeightCompressor`: C = C(W) is a function of the latent dense weight alone, recomputed from W as it trains
+  (pruning, binary weights). The layer evaluates C without autograd and passes the gradient of the blended weight to
+  W unchanged (the straight-through estimator, as the authors of VCON do). One definition: :meth:`~WeightCompressor.compress`.
+- :class:`FactorCompressor`: C is built from trainable tensors of the compression's own, initialised from W
+  (low-rank factors B·A); autograd differentiates through them. One definition: :meth:`~FactorCompressor.compose`.
+
+Everything else a family offers (``blend``, ``compression_state``, ``compressed_forward``, ``blended_forward``) is
+a speed path; the tests check each against the definition for every registered compression. The decisions other
+parts of hf_vcon take from the family are named properties: :attr:`trains_straight_through`,
+:attr:`recomputes_from_weight`, :attr:`releases_dense_path`, :attr:`copy_trains_latent_weight`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..config import VConConfig
+from ..linears import linear_shape, write_weight
+from .options import CompressorOptions
+from .packing import check_packed
 
 
 @dataclass(frozen=True)
@@ -37,195 +48,175 @@ class CompressionStats:
 
 
 class Compressor:
-    """How one compression method builds C from W.
+    """What every compression provides. Subclass :class:`WeightCompressor` or :class:`FactorCompressor`, not this.
 
-    Subclasses set ``name`` and implement :meth:`compressed_weight`, :meth:`stats`, :meth:`pack` and
-    :meth:`unpacked_weight` (or :meth:`unpack`); they may override :meth:`check_layer`, :meth:`init_params`,
-    :meth:`compressed_forward`, and, for speed, :meth:`compression_state` / :meth:`blend` (straight-through
-    methods) or :meth:`blended_forward` (methods with trainable tensors of their own).
+    Class attributes: ``name`` (set by :func:`~hf_vcon.compressors.register_compressor`), ``Options`` (its
+    :class:`~hf_vcon.compressors.options.CompressorOptions` dataclass), ``gradual_option``: the option a gradual
+    transition (``transition="gmp"``) raises from 0 to its value (``"sparsity"`` for pruning; ``None`` when the
+    compression has no such degree), and ``example_options``: a few settings that show its range.
 
-    ``straight_through = True`` means C is a function of the latent dense weight W alone: the layer evaluates C
-    without autograd and passes the gradient of the blended weight to W unchanged (straight-through
-    estimator), as the authors do for pruning and binary weights, unless :meth:`weight_gradient` is overridden
-    (gradual magnitude pruning masks it). ``False`` means C is built from trainable
-    tensors of its own (from :meth:`init_params`) and autograd differentiates through it.
+    Defaults that a compression may keep: :meth:`stats`, :meth:`pack` and :meth:`unpacked_weight` store C densely
+    (correct for any compression, but no smaller); override them with a compact encoding.
     """
 
     name: ClassVar[str]
-    straight_through: ClassVar[bool] = True
+    Options: ClassVar[type[CompressorOptions]] = CompressorOptions
+    gradual_option: ClassVar[Optional[str]] = None
+    # Settings that show the compression's range (dicts of options): the docs and the registry-driven tests use them.
+    example_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
-    def __init__(self, config: "VConConfig") -> None:
-        self.config = config
+    # The decisions the family takes (see the module docstring); set by the two family classes.
+    trains_straight_through: ClassVar[bool]  # forward: one matmul with β·W + (1−β)·C(W), gradient straight to W
+    recomputes_from_weight: ClassVar[bool]  # C follows W as it trains: ``recompute_every`` applies
+    releases_dense_path: ClassVar[bool]  # at β = 0 the layer never reads W: release_dense_paths may freeze it
+    copy_trains_latent_weight: ClassVar[bool]  # block-wise: g's own latent W trains (else g never reads it: frozen)
 
+    def __init__(self, options: Optional[CompressorOptions] = None) -> None:
+        options = self.Options() if options is None else options
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}.")
+        self.options = options
+
+    def with_options(self, **changes: Any) -> "Compressor":
+        """A compressor of the same class with some options changed (validated)."""
+        return type(self)(self.options.replace(**changes))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # ------------------------------------------------------------------------------------------ checks
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        """Raise ``ValueError`` naming layer ``name`` if it cannot be compressed with this config.
+        """Raise ``ValueError`` naming layer ``name`` if it cannot be compressed with these options.
 
         Called for every targeted layer before any module is replaced.
         """
 
+    def check_gradual(self) -> None:
+        """Raise ``ValueError`` if these options cannot be reached gradually (called for ``transition="gmp"``)."""
+        if self.gradual_option is None:
+            raise ValueError(f"method={self.name!r} has no degree of compression that a gradual transition can raise.")
+
+    # -------------------------------------------------------------------------------------- C and sizes
     def init_params(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra trainable tensors of the compressed path, built from W ``(out, in)``; must not mutate W."""
+        """Trainable tensors of the compressed path, built from W ``(out, in)``; must not mutate W."""
         return {}
 
     def compressed_weight(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """C ``(out, in)`` from W ``(out, in)`` and the tensors of :meth:`init_params`; must not mutate them."""
+        """C ``(out, in)`` from W and the tensors of :meth:`init_params` (no autograd); implemented by each family."""
         raise NotImplementedError
-
-    def compressed_forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        params: dict[str, torch.Tensor],
-        bias: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """g(x): the compressed layer alone. Override when C has a cheaper factored form."""
-        return F.linear(x, self.compressed_weight(weight, params), bias)
 
     def stats(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> CompressionStats:
-        """Sizes before and after, from the current W and params."""
-        raise NotImplementedError
+        """Sizes before and after, from the current W and params. The default: C stored dense, no smaller."""
+        numel, size = weight.numel(), weight.element_size()
+        return CompressionStats(numel, numel, numel * size, numel * size, setting=self.setting())
 
-    # ------------------------------------------------------------------ training speed (straight-through)
-    def compression_state(self, weight: torch.Tensor, memo: Optional[dict] = None) -> Any:
-        """What C(W) needs besides W itself, computed without autograd; must not mutate W.
+    def setting(self) -> str:
+        """A short description of the options, for summaries (``"sparsity 0.900 (layer)"``)."""
+        return ", ".join(f"{key} {value}" for key, value in self.options.to_dict().items()) or self.name
 
-        The layer caches it for one optimizer step (micro-batches of one accumulation window and gradient-
-        checkpoint recomputation reuse it), so it should be small: a threshold, a boolean keep-mask, a scale. The
-        default is C itself, which is correct for any compression but costs a full copy of W. ``memo`` is a dict
-        the layer keeps across steps, for hints that make the next computation cheaper (never for the result).
-        """
-        return self.compressed_weight(weight, {})
-
-    def blend(self, weight: torch.Tensor, state: Any, beta: float) -> torch.Tensor:
-        """β·W + (1−β)·C ``(out, in)`` from W and :meth:`compression_state`; no autograd, nothing mutated.
-
-        Straight-through layers call this in forward and again in backward instead of saving the result, so it
-        should allocate as few full-size temporaries as possible (the result itself, ideally).
-        """
-        return torch.lerp(weight, state, 1.0 - beta)
-
-    def weight_gradient(self, grad: torch.Tensor, weight: torch.Tensor, state: Any) -> torch.Tensor:
-        """The gradient W receives, from the gradient of the effective weight: unchanged (straight-through)."""
-        return grad
-
-    # --------------------------------------------------------- training speed (own trainable tensors)
-    def blended_forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        params: dict[str, torch.Tensor],
-        bias: Optional[torch.Tensor],
-        beta: float,
-    ) -> torch.Tensor:
-        """β·f(x) + (1−β)·g(x), differentiable in W and params; override with a cheaper equivalent form."""
-        return F.linear(x, torch.lerp(weight, self.compressed_weight(weight, params), 1.0 - beta), bias)
-
-    # ----------------------------------------------------------------------------- compact checkpoints
+    # ------------------------------------------------------------------------------- compact checkpoints
     def pack(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The compact tensors that store C(W) exactly (packed bits, kept values, factors…); W ``(out, in)``.
+        """The compact tensors that store C exactly (packed bits, kept values, factors…); W ``(out, in)``.
 
-        Keys are short names (``"signs"``, ``"A"``); the values must not share memory with W or params.
+        Keys are short names (``"signs"``, ``"A"``); the values must not share memory with W or params. The
+        default stores C itself.
         """
-        raise NotImplementedError
+        return {"weight": self.compressed_weight(weight, params).detach().clone()}
 
     def unpacked_weight(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         """C ``(out, in)`` rebuilt from :meth:`pack`'s tensors.
 
         Raises:
-            ValueError: if the tensors do not fit this config and shape (missing or extra keys, wrong shapes).
+            ValueError: if the tensors do not fit these options and shape (missing or extra keys, wrong shapes).
         """
-        raise NotImplementedError
+        check_packed(self.name, tensors, {"weight": (out_features, in_features)})
+        return tensors["weight"]
 
     def unpack(self, tensors: dict[str, torch.Tensor], layer: nn.Module) -> nn.Module:
-        """The inference module computing ``C·x + b`` for ``layer`` (an ``nn.Linear`` or ``Conv1D`` whose bias
-        is already loaded), from :meth:`pack`'s tensors.
+        """The inference module computing ``C·x + b`` for ``layer`` (an ``nn.Linear`` or ``Conv1D`` whose bias is
+        already loaded), from :meth:`pack`'s tensors.
 
-        The default writes the dense C into ``layer``'s weight (in place) and returns ``layer``; compressions
-        with a cheaper factored form return a new module.
+        The default writes the dense C into ``layer``'s weight (in place) and returns ``layer``; compressions with
+        a cheaper factored form return a new module.
 
         Raises:
-            ValueError: if the tensors do not fit this config and the layer's shape.
+            ValueError: if the tensors do not fit these options and the layer's shape.
         """
-        rows, cols = layer.weight.shape
-        conv1d = type(layer).__name__ == "Conv1D"  # Conv1D stores (in, out)
-        out_features, in_features = (cols, rows) if conv1d else (rows, cols)
-        weight = self.unpacked_weight(tensors, out_features, in_features)
-        with torch.no_grad():
-            layer.weight.copy_(weight.t() if conv1d else weight)
+        write_weight(layer, self.unpacked_weight(tensors, *linear_shape(layer)))
         return layer
 
 
-def packed_bits_bytes(count: int) -> int:
-    """Bytes needed to store ``count`` bits, 8 per byte."""
-    return math.ceil(count / 8)
+class WeightCompressor(Compressor):
+    """A compression C = C(W) of the latent dense weight alone (pruning, binary weights), trained straight-through.
 
-
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # most significant bit first, as numpy.packbits
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """A boolean tensor as ``uint8`` bytes, 8 bits per byte (row-major, most significant bit first, zero-padded)."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    return (flat.view(-1, 8) << _BIT_SHIFTS).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` bits of :func:`pack_bits`'s bytes, as a flat boolean tensor."""
-    bits = (packed.reshape(-1, 1) >> _BIT_SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[:count].bool()
-
-
-def check_packed(
-    method: str, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()
-) -> None:
-    """Raise ``ValueError`` unless ``tensors`` has exactly the ``expected`` keys (plus any of ``optional``) with
-    those shapes (``-1`` in a shape matches any size)."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected) - set(optional))
-    if missing or extra:
-        raise ValueError(f"{method}: expected packed tensors {sorted(expected)}, missing {missing}, unexpected {extra}.")
-    for key, shape in expected.items():
-        actual = tuple(tensors[key].shape)
-        if len(actual) != len(shape) or any(want not in (-1, got) for want, got in zip(shape, actual)):
-            raise ValueError(f"{method}: packed tensor {key!r} has shape {list(actual)}, expected {list(shape)}.")
-
-
-_REGISTRY: dict[str, type[Compressor]] = {}
-
-
-def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
-    """Class decorator: make a compressor available as ``VConConfig(method=name)``."""
-
-    def register(cls: type[Compressor]) -> type[Compressor]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
-
-
-def available_compressors() -> tuple[str, ...]:
-    """The registered method names, sorted."""
-    return tuple(sorted(_REGISTRY))
-
-
-def compressor_class(method: str) -> type[Compressor]:
-    """The registered class for ``method``.
-
-    Raises:
-        ValueError: for an unregistered method, listing the known ones.
+    Subclasses implement :meth:`compress`, the definition of C. For speed they may override
+    :meth:`compression_state` (what C needs besides W, small and cached by the layer for an optimizer step) with
+    :meth:`blend` (β·W + (1−β)·C from W and that state, in few passes); the defaults keep C itself as the state.
     """
-    try:
-        return _REGISTRY[method]
-    except KeyError:
-        raise ValueError(f"method={method!r} is not known; use one of: {', '.join(available_compressors())}.") from None
+
+    trains_straight_through = True
+    recomputes_from_weight = True
+    releases_dense_path = False
+    copy_trains_latent_weight = True
+
+    def compress(self, weight: torch.Tensor) -> torch.Tensor:
+        """C ``(out, in)`` from W ``(out, in)``, without autograd; must not mutate W. The definition of C."""
+        raise NotImplementedError
+
+    def compressed_weight(self, weight, params=None):
+        with torch.no_grad():
+            return self.compress(weight.detach())
+
+    def compression_state(self, weight: torch.Tensor, memo: Optional[dict] = None, *, frozen: bool = False) -> Any:
+        """What C needs besides W, computed without autograd; must not mutate W.
+
+        ``memo`` is a dict the layer keeps across optimizer steps, for hints that make the next computation cheaper
+        (never for the result). ``frozen=True`` means the state will be reused for several optimizer steps while W
+        moves (``recompute_every > 1``): it must then fix *what* C keeps (a kept set, a scale), not a rule that
+        re-selects on the moving W. The default is C itself: correct for any compression, but a full copy of W.
+        """
+        return self.compress(weight)
+
+    def blend(self, weight: torch.Tensor, state: Any, beta: float) -> torch.Tensor:
+        """β·W + (1−β)·C ``(out, in)`` from W and :meth:`compression_state`; no autograd, nothing mutated.
+
+        Layers call this in forward and again in backward instead of saving the result, so it should allocate as
+        few full-size temporaries as possible (the result itself, ideally).
+        """
+        return torch.lerp(weight, state, 1.0 - beta)
+
+    def kept_mask(self, weight: torch.Tensor, state: Any) -> torch.Tensor:
+        """The boolean ``(out, in)`` mask of the weights C keeps, for transitions that train only those
+        (gradual magnitude pruning). Only compressions with a ``gradual_option`` need it."""
+        raise NotImplementedError(f"method={self.name!r} has no kept set.")
 
 
-def get_compressor(config: "VConConfig") -> Compressor:
-    """The compressor for ``config.method``.
+class FactorCompressor(Compressor):
+    """A compression whose C is built from trainable tensors of its own (low-rank factors), initialised from W.
 
-    Raises:
-        ValueError: for an unregistered method, listing the known ones.
+    Subclasses implement :meth:`init_params` (the tensors, from W) and :meth:`compose` (the definition of C from
+    them); for speed they may override :meth:`compressed_forward` (g alone) and :meth:`blended_forward`.
     """
-    return compressor_class(config.method)(config)
+
+    trains_straight_through = False
+    recomputes_from_weight = False
+    releases_dense_path = True
+    copy_trains_latent_weight = False
+
+    def compose(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """C ``(out, in)`` from the compression's tensors, differentiable in them. The definition of C."""
+        raise NotImplementedError
+
+    def compressed_weight(self, weight, params):
+        with torch.no_grad():
+            return self.compose(params)
+
+    def compressed_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor],
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """g(x): the compressed layer alone, differentiable in params. Override when C has a cheaper factored form."""
+        return F.linear(x, self.compose(params), bias)
+
+    def blended_forward(self, x: torch.Tensor, weight: torch.Tensor, params: dict[str, torch.Tensor],
+                        bias: Optional[torch.Tensor], beta: float) -> torch.Tensor:
+        """β·f(x) + (1−β)·g(x), differentiable in W and params; override with a cheaper equivalent form."""
+        return F.linear(x, torch.lerp(weight, self.compose(params), 1.0 - beta), bias)

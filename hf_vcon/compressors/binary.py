@@ -6,23 +6,44 @@ unchanged (straight-through, no clipping), as in the authors' code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import CompressionStats, Compressor, check_packed, pack_bits, packed_bits_bytes, register_compressor, unpack_bits
+from .base import CompressionStats, WeightCompressor
+from .options import CompressorOptions, check_choice, option
+from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
+from .registry import register_compressor
+
+BINARY_SCALES = ("channel", "tensor")
+
+
+@dataclass(frozen=True)
+class BinaryOptions(CompressorOptions):
+    binary_scale: str = option("tensor", "tensor (one mean|W| per weight, the paper's) or channel (one per output row)")
+
+    def validate(self) -> None:
+        check_choice("binary_scale", self.binary_scale, BINARY_SCALES)
 
 
 @register_compressor("binary")
-class Binarizer(Compressor):
+class Binarizer(WeightCompressor):
     """sign(W)·α with α = mean|W| over the tensor (``"tensor"``) or over each output row (``"channel"``)."""
+
+    Options = BinaryOptions
+    example_options = ({}, {"binary_scale": "channel"})
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
         """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales (an L1 norm: no full-size |W| temporary)."""
         weight = weight.detach()
-        if self.config.binary_scale == "channel":
+        if self.options.binary_scale == "channel":
             return torch.linalg.vector_norm(weight, ord=1, dim=1, keepdim=True) / weight.shape[1]
         return torch.linalg.vector_norm(weight, ord=1) / weight.numel()
 
-    def compression_state(self, weight, memo=None):
+    def compress(self, weight):
+        return torch.sign(weight) * self.scale(weight)
+
+    def compression_state(self, weight, memo=None, *, frozen=False):
         return self.scale(weight)
 
     def blend(self, weight, state, beta):
@@ -30,23 +51,27 @@ class Binarizer(Compressor):
         blended = torch.sign(weight).mul_(state * (1.0 - beta))
         return blended.add_(weight, alpha=beta) if beta else blended
 
-    def compressed_weight(self, weight, params):
-        return self.blend(weight, self.scale(weight), 0.0)
+    def _scale_count(self, out_features: int) -> int:
+        return out_features if self.options.binary_scale == "channel" else 1
 
     def stats(self, weight, params):
         numel, size = weight.numel(), weight.element_size()
-        scales = weight.shape[0] if self.config.binary_scale == "channel" else 1
+        scales = self._scale_count(weight.shape[0])
         return CompressionStats(
             params_before=numel,
             params_after=numel,
             bytes_before=numel * size,
             bytes_after=packed_bits_bytes(numel) + scales * size,
-            setting=f"1 bit + {scales} scale{'s' if scales > 1 else ''} ({self.config.binary_scale})",
+            setting=self.setting(),
             metrics={"bits": 1.0},
         )
 
+    def setting(self) -> str:
+        per = " per output row" if self.options.binary_scale == "channel" else ""
+        return f"1 bit + 1 scale{per} ({self.options.binary_scale})"
+
     def _scale_shape(self, out_features: int) -> tuple[int, ...]:
-        return (out_features, 1) if self.config.binary_scale == "channel" else (1,)
+        return (out_features, 1) if self.options.binary_scale == "channel" else (1,)
 
     def pack(self, weight, params):
         weight = weight.detach()
@@ -69,4 +94,4 @@ class Binarizer(Compressor):
                 raise ValueError(f"binary: 'zero_positions' must be flat indices below {numel}.")
             signs[zeros] = 0
         signs = signs.view(out_features, in_features)
-        return signs.mul_(scale if self.config.binary_scale == "channel" else scale.reshape(()))
+        return signs.mul_(scale if self.options.binary_scale == "channel" else scale.reshape(()))

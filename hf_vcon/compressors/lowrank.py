@@ -8,13 +8,41 @@ a :class:`LowRankLinear` of two Linears.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CompressionStats, Compressor, check_packed, register_compressor
+from ..linears import linear_shape
+from .base import CompressionStats, FactorCompressor
+from .options import CompressorOptions, check_number, option
+from .packing import check_packed
+from .registry import register_compressor
+
+
+@dataclass(frozen=True)
+class LowRankOptions(CompressorOptions):
+    rank: Optional[int] = option(None, "the rank r of every targeted layer (give rank or rank_ratio)")
+    rank_ratio: Optional[float] = option(None, "r as a fraction in (0, 1) of min(in, out) of each layer")
+
+    def validate(self) -> None:
+        if (self.rank is None) == (self.rank_ratio is None):
+            raise ValueError(
+                "method='lowrank' needs exactly one of rank (an int > 0) and rank_ratio (a float in (0, 1)); "
+                f"got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}."
+            )
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0):
+            raise ValueError(f"rank={self.rank!r} must be an int > 0.")
+        if self.rank_ratio is not None:
+            check_number("rank_ratio", self.rank_ratio, 0.0, 1.0, low_open=True, high_open=True,
+                         meaning="a fraction of min(in, out)")
+
+
+def max_compressing_rank(out_features: int, in_features: int) -> int:
+    """The largest r whose factors are smaller than the weight: r·(out + in) < out·in (0 if none is)."""
+    return (out_features * in_features - 1) // (out_features + in_features)
 
 
 class LowRankLinear(nn.Module):
@@ -52,24 +80,33 @@ class LowRankLinear(nn.Module):
 
 
 @register_compressor("lowrank")
-class LowRankFactorizer(Compressor):
-    """Rank-r factors of W; r is ``config.rank`` or ``round(config.rank_ratio · min(out, in))`` (at least 1)."""
+class LowRankFactorizer(FactorCompressor):
+    """Rank-r factors of W; r is ``rank`` or ``round(rank_ratio · min(out, in))`` (at least 1)."""
 
-    straight_through = False
+    Options = LowRankOptions
+    example_options = ({"rank": 3}, {"rank_ratio": 0.25})
 
     def rank_for(self, out_features: int, in_features: int) -> int:
-        if self.config.rank is not None:
-            return self.config.rank
-        return max(1, round(self.config.rank_ratio * min(out_features, in_features)))
+        if self.options.rank is not None:
+            return self.options.rank
+        return max(1, round(self.options.rank_ratio * min(out_features, in_features)))
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        rank = self.rank_for(out_features, in_features)
-        if rank >= min(out_features, in_features):
-            given = f"rank={self.config.rank}" if self.config.rank is not None else f"rank_ratio={self.config.rank_ratio}"
+        rank, bound = self.rank_for(out_features, in_features), max_compressing_rank(out_features, in_features)
+        if rank <= bound:
+            return
+        given = f"rank={self.options.rank}" if self.options.rank is not None else f"rank_ratio={self.options.rank_ratio}"
+        if bound == 0:
             raise ValueError(
-                f"{given} gives rank {rank} for layer {name!r} of shape ({out_features}, {in_features}); the rank must "
-                f"be < min(out, in) = {min(out_features, in_features)} to compress. Lower it or exclude the layer."
+                f"layer {name!r} of shape ({out_features}, {in_features}) cannot be factorised smaller: even rank 1 "
+                f"stores {out_features + in_features} numbers for its {out_features * in_features}. Exclude it with "
+                "exclude_modules."
             )
+        raise ValueError(
+            f"{given} gives rank {rank} for layer {name!r} of shape ({out_features}, {in_features}), whose factors "
+            f"(rank·(out + in) = {rank * (out_features + in_features)} numbers) are not smaller than the weight "
+            f"({out_features * in_features}); the rank must be at most {bound} to compress. Lower it or exclude the layer."
+        )
 
     def init_params(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         rank = self.rank_for(*weight.shape)
@@ -79,10 +116,10 @@ class LowRankFactorizer(Compressor):
         factor_b = u[:, :rank] * s[:rank]  # (out, r): singular values folded into B
         return {"A": factor_a.to(weight.dtype).contiguous(), "B": factor_b.to(weight.dtype).contiguous()}
 
-    def compressed_weight(self, weight, params):
+    def compose(self, params):
         return params["B"] @ params["A"]
 
-    def compressed_forward(self, x, weight, params, bias):
+    def compressed_forward(self, x, params, bias):
         return F.linear(F.linear(x, params["A"]), params["B"], bias)
 
     def blended_forward(self, x, weight, params, bias, beta):
@@ -93,7 +130,12 @@ class LowRankFactorizer(Compressor):
             # addmm gives β·W + (1−β)·B·A in one full-size allocation.
             return F.linear(x, torch.addmm(weight, params["B"], params["A"], beta=beta, alpha=1.0 - beta), bias)
         # Activation space: few tokens, the two thin matmuls are cheaper than building B·A.
-        return torch.lerp(F.linear(x, weight, bias), self.compressed_forward(x, weight, params, bias), 1.0 - beta)
+        return torch.lerp(F.linear(x, weight, bias), self.compressed_forward(x, params, bias), 1.0 - beta)
+
+    def setting(self) -> str:
+        if self.options.rank is not None:
+            return f"rank {self.options.rank}"
+        return f"rank_ratio {self.options.rank_ratio:g}"
 
     def stats(self, weight, params):
         out_features, in_features = weight.shape
@@ -116,9 +158,7 @@ class LowRankFactorizer(Compressor):
         return tensors["B"] @ tensors["A"]
 
     def unpack(self, tensors, layer):
-        rows, cols = layer.weight.shape
-        out_features, in_features = (cols, rows) if type(layer).__name__ == "Conv1D" else (rows, cols)
-        self._check(tensors, out_features, in_features)
+        self._check(tensors, *linear_shape(layer))
         return LowRankLinear.from_factors(tensors["A"], tensors["B"], layer.bias)
 
     def _check(self, tensors, out_features, in_features):

@@ -15,13 +15,66 @@ C is built in one fused pass.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..config import parse_n_m
-from .base import CompressionStats, Compressor, check_packed, pack_bits, packed_bits_bytes, register_compressor, unpack_bits
+from .base import CompressionStats, WeightCompressor
+from .options import CompressorOptions, check_number, option
+from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
+from .registry import register_compressor
+
+DEFAULT_SPARSITY = 0.9
+_N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
+
+
+def parse_n_m(pattern: str) -> tuple[int, int]:
+    """Parse an ``"N:M"`` prune pattern such as ``"2:4"`` into ``(2, 4)``.
+
+    Raises:
+        ValueError: if the string is not two integers ``0 < N < M`` separated by a colon.
+    """
+    match = _N_M_PATTERN.match(pattern)
+    if match is None or not all(part.isdigit() for part in match.groups()):
+        raise ValueError(
+            f"prune_pattern={pattern!r} is not valid: use 'layer', 'row', or 'N:M' with integers 0 < N < M, "
+            "such as '2:4'."
+        )
+    n, m = (int(part) for part in match.groups())
+    if not 0 < n < m:
+        raise ValueError(f"prune_pattern={pattern!r} is not valid: an N:M pattern needs 0 < N < M, such as '2:4'.")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneOptions(CompressorOptions):
+    sparsity: Optional[float] = option(
+        None, "the fraction of weights set to zero, in [0, 1); default 0.9; implied by an N:M pattern (1 − N/M)")
+    prune_pattern: str = option(
+        "layer", "layer (unstructured, per layer), row (the same fraction in every output row), or N:M such as 2:4 "
+                 "(N non-zeros in every M consecutive inputs)")
+
+    def validate(self) -> None:
+        if not isinstance(self.prune_pattern, str):
+            raise TypeError(f"prune_pattern={self.prune_pattern!r} must be 'layer', 'row' or an 'N:M' string.")
+        if self.prune_pattern in ("layer", "row"):
+            sparsity = DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+            check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, meaning="the fraction of weights set to zero")
+            self._resolve("sparsity", float(sparsity))
+            return
+        n, m = parse_n_m(self.prune_pattern)
+        self._resolve("prune_pattern", f"{n}:{m}")
+        implied = 1 - n / m
+        if self.sparsity is None:
+            self._resolve("sparsity", implied)
+        elif not isinstance(self.sparsity, (int, float)) or not math.isclose(self.sparsity, implied):
+            raise ValueError(
+                f"sparsity={self.sparsity!r} contradicts prune_pattern={self.prune_pattern!r}, which implies "
+                f"sparsity={implied}; give sparsity={implied} or omit it with an N:M pattern."
+            )
 
 
 def _keep_largest(scores: torch.Tensor, keep: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -90,47 +143,59 @@ def kept_count(total: int, sparsity: float) -> int:
 
 
 @register_compressor("prune")
-class MagnitudePruner(Compressor):
-    """Unstructured (``"layer"``), per-row (``"row"``) or semi-structured (``"N:M"``) magnitude pruning."""
+class MagnitudePruner(WeightCompressor):
+    """Unstructured (``"layer"``), per-row (``"row"``) or semi-structured (``"N:M"``) magnitude pruning: C = W ⊙ M."""
+
+    Options = PruneOptions
+    gradual_option = "sparsity"
+    example_options = ({"sparsity": 0.5}, {"sparsity": 0.75, "prune_pattern": "row"}, {"prune_pattern": "2:4"})
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        if self.config.prune_pattern in ("layer", "row"):
+        pattern = self.options.prune_pattern
+        if pattern in ("layer", "row"):
             return
-        _, m = parse_n_m(self.config.prune_pattern)
+        _, m = parse_n_m(pattern)
         if in_features % m:
             raise ValueError(
-                f"prune_pattern={self.config.prune_pattern!r} needs in_features divisible by {m}, but layer "
-                f"{name!r} has in_features={in_features}; exclude it with exclude_modules or use another pattern."
+                f"prune_pattern={pattern!r} needs in_features divisible by {m}, but layer {name!r} has "
+                f"in_features={in_features}; exclude it with exclude_modules or use another pattern."
+            )
+
+    def check_gradual(self) -> None:
+        if self.options.prune_pattern not in ("layer", "row"):
+            raise ValueError(
+                f"transition='gmp' raises the sparsity gradually, which prune_pattern={self.options.prune_pattern!r} "
+                "(a fixed N:M sparsity) cannot do; use prune_pattern='layer' or 'row', or transition='vcon'."
             )
 
     def _groups(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``tensor`` ``(out, in)`` viewed as the groups the pattern selects in, and how many each keeps."""
-        pattern = self.config.prune_pattern
+        pattern, sparsity = self.options.prune_pattern, self.options.sparsity
         if pattern == "layer":
-            return tensor.reshape(1, -1), kept_count(tensor.numel(), self.config.sparsity)
+            return tensor.reshape(1, -1), kept_count(tensor.numel(), sparsity)
         if pattern == "row":
-            return tensor, kept_count(tensor.shape[1], self.config.sparsity)
+            return tensor, kept_count(tensor.shape[1], sparsity)
         n, m = parse_n_m(pattern)
         return tensor.reshape(tensor.shape[0], -1, m), n  # (out, in/M, M): M consecutive inputs per group
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        """The boolean keep-mask of W ``(out, in)``."""
+        """The boolean keep-mask M of W ``(out, in)``."""
         groups, keep = self._groups(weight.detach().abs())
         return _keep_largest(groups, keep).view(weight.shape)
 
-    def compression_state(self, weight, memo=None):
-        """A :class:`Cut` for a per-layer pattern, else the boolean mask.
+    def compress(self, weight):
+        return weight * self.mask(weight)
 
-        With ``recompute_every > 1`` it is always the mask: the kept set, not the cut, holds until the next refresh.
-        ``memo`` (one dict per layer, kept across steps) remembers the previous cut and how far it moved.
-        """
-        if self.config.prune_pattern != "layer" or memo is None:
+    def compression_state(self, weight, memo=None, *, frozen=False):
+        """A :class:`Cut` for a per-layer pattern, else the boolean mask; the mask too when ``frozen`` (the kept set,
+        not the cut, must hold while W moves). ``memo`` remembers the previous cut and how far it moved."""
+        if self.options.prune_pattern != "layer" or memo is None:
             return self.mask(weight)
-        weight, keep = weight.detach(), kept_count(weight.numel(), self.config.sparsity)
+        weight, keep = weight.detach(), kept_count(weight.numel(), self.options.sparsity)
         if not 0 < keep < weight.numel():
             return self.mask(weight)
         value, reaching = self._find_cut(weight, keep, memo)
-        if self.config.recompute_every > 1:
+        if frozen:
             return _keep_largest(weight.abs().reshape(1, -1), keep, value.view(1, 1)).view(weight.shape)
         lambd = float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
         if reaching == keep:
@@ -154,12 +219,8 @@ class MagnitudePruner(Compressor):
         memo["cut"], memo["width"] = cut, max(3.0 * moved, 1e-3 * cut)
         return found
 
-    def weight_gradient(self, grad, weight, state):
-        """Straight-through (pruned weights keep learning and can come back), except for gradual magnitude pruning,
-        whose pruned weights get no gradient, as in Zhu & Gupta (2017)."""
-        if self.config.transition != "gmp":
-            return grad
-        return grad * (state.kept(weight) if isinstance(state, Cut) else state)
+    def kept_mask(self, weight, state):
+        return state.kept(weight) if isinstance(state, Cut) else state
 
     def blend(self, weight, state, beta):
         pruned = state.apply(weight) if isinstance(state, Cut) else weight * state
@@ -167,8 +228,8 @@ class MagnitudePruner(Compressor):
             return pruned
         return pruned.mul_(1.0 - beta).add_(weight, alpha=beta)  # kept: W; pruned: β·W
 
-    def compressed_weight(self, weight, params):
-        return weight * self.mask(weight)
+    def setting(self) -> str:
+        return f"sparsity {self.options.sparsity:.3f} ({self.options.prune_pattern})"
 
     def stats(self, weight, params):
         numel, size = weight.numel(), weight.element_size()
@@ -178,7 +239,7 @@ class MagnitudePruner(Compressor):
             params_after=kept,
             bytes_before=numel * size,
             bytes_after=kept * size + packed_bits_bytes(numel),
-            setting=f"sparsity {1 - kept / numel:.3f} ({self.config.prune_pattern})",
+            setting=f"sparsity {1 - kept / numel:.3f} ({self.options.prune_pattern})",
             metrics={"sparsity": 1 - kept / numel},
         )
 
@@ -193,8 +254,8 @@ class MagnitudePruner(Compressor):
         groups, keep = self._groups(mask)
         if not bool((groups.sum(dim=-1) == keep).all()):
             raise ValueError(
-                f"prune: the stored mask does not keep {keep} weights per {self.config.prune_pattern!r} group, as "
-                f"sparsity={self.config.sparsity} requires."
+                f"prune: the stored mask does not keep {keep} weights per {self.options.prune_pattern!r} group, as "
+                f"sparsity={self.options.sparsity} requires."
             )
         if tensors["values"].numel() != keep * groups[..., 0].numel():
             raise ValueError(f"prune: {tensors['values'].numel()} stored values for a mask keeping {int(mask.sum())}.")

@@ -1,0 +1,39 @@
+"""The layers VCON compresses, ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), seen in one orientation.
+
+Everything in hf_vcon works on weights in ``nn.Linear`` orientation ``(out_features, in_features)``; ``Conv1D``
+stores its weight transposed, ``(in_features, out_features)``. This module is the one place that knows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear or Conv1D."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if is_conv1d(module) else (rows, cols)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in Linear orientation ``(out, in)``: the parameter itself, or a transposed view for Conv1D."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def stored_orientation(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``(out, in)`` in the orientation ``module`` stores (Conv1D: ``(in, out)``), contiguous."""
+    return (weight.t() if is_conv1d(module) else weight).contiguous()
+
+
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Copy ``weight`` ``(out, in)`` into ``module``'s parameter, in place."""
+    with torch.no_grad():
+        module.weight.copy_(weight.t() if is_conv1d(module) else weight)
