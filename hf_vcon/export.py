@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .linears import stored_orientation
 from .state import layer_tensors, require_state, unwrap_model
 from .summary import VConSummary, vcon_summary
 
@@ -39,7 +40,7 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     with torch.no_grad():
         for name, layer, weight, params in layer_tensors(state, source):
             compressed = layer.compressor.compressed_weight(weight, params)
-            merged[f"{name}.weight"] = (compressed.t() if layer.is_conv1d else compressed).contiguous()
+            merged[f"{name}.weight"] = stored_orientation(layer.base_layer, compressed)
             if f"{name}.base_layer.bias" in layer_wise:
                 merged[f"{name}.bias"] = layer_wise[f"{name}.base_layer.bias"]
     return merged

@@ -6,6 +6,8 @@ stores its weight transposed, ``(in_features, out_features)``. This module is th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -23,9 +25,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (cols, rows) if is_conv1d(module) else (rows, cols)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in Linear orientation ``(out, in)``: the parameter itself, or a transposed view for Conv1D."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+def linear_weight(module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight in Linear orientation ``(out, in)``: the parameter itself, or a transposed view for Conv1D.
+
+    ``stored`` is a tensor in the module's own orientation (read from a state dict) to orient instead.
+    """
+    weight = module.weight if stored is None else stored
+    return weight.t() if is_conv1d(module) else weight
 
 
 def stored_orientation(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 from torch import nn
 
 from .errors import VConError
+from .linears import linear_weight
 
 if TYPE_CHECKING:
     from .config import VConConfig
@@ -145,4 +146,4 @@ def layer_tensors(state: VConState, state_dict: Optional[dict] = None):
     for name, layer in zip(state.targeted_module_names, state.layers):
         weight = source[f"{name}.base_layer.weight"]
         params = {key: source[f"{name}.vcon_{key}"] for key in layer.compressed_params()}
-        yield name, layer, (weight.t() if layer.is_conv1d else weight), params
+        yield name, layer, linear_weight(layer.base_layer, weight), params
