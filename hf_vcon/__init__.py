@@ -43,7 +43,8 @@ from .summary import vcon_summary
 from .trainer import VConCallback, VConTrainer
 from .export import merged_state_dict, save_merged
 from .card import model_card
-from .compact import load_compressed, save_compressed
+from .compact import save_compressed
+from .compact_load import load_compressed
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning

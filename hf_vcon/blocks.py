@@ -37,9 +37,11 @@ from .block_outputs import (
 from .config import VConConfig
 from .errors import NoTargetModulesError, VConError
 from .layers import VConLinear, keep_in_graph
+from .parametrized import VConWeight
 from .plan import plan_for, shown
 from .state import Granularity, VConState, Wrapped, replace_module, require_state
 from .targets import find_targets, matches
+from .units import make_unit
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
@@ -72,9 +74,9 @@ class VConBlock(nn.Module):
                 raise
             return getattr(self.base_block, name)
 
-    def compressed_layers(self) -> list[VConLinear]:
-        """g's compressed Linear layers (at β = 0 for good), in ``named_modules()`` order."""
-        return [module for module in self.vcon_block.modules() if isinstance(module, VConLinear)]
+    def compressed_layers(self) -> list:
+        """g's compressed units (at β = 0 for good), in ``named_modules()`` order."""
+        return [unit for _, unit in _named_units(self.vcon_block)]
 
     def set_beta(self, beta: float) -> None:
         """Set β, the weight of the original block f, in [0, 1]."""
@@ -113,41 +115,55 @@ class VConBlock(nn.Module):
                 )
 
     # -------------------------------------------------------------------------------------- lifecycle
-    def merged(self) -> nn.Module:
-        """g with its compressed weights folded into plain Linear/Conv1D modules: the compressed block."""
-        compressed = self.vcon_block
-        for name, layer in list(compressed.named_modules()):
-            if isinstance(layer, VConLinear):
-                if not name:
-                    return layer.merged()
-                replace_module(compressed, name, layer.merged())
-        return compressed
+    def attach_to(self, model: nn.Module, name: str) -> None:
+        replace_module(model, name, self)
 
-    def unloaded(self) -> nn.Module:
-        """The original block f; g is dropped."""
-        return self.base_block
+    def detach_from(self, model: nn.Module, name: str, merge: bool) -> None:
+        """Put g with its compressed weights folded into plain layers (``merge``), or the original block f, back."""
+        if not merge:
+            replace_module(model, name, self.base_block)
+            return
+        compressed = self.vcon_block
+        for unit_name, unit in _named_units(compressed):
+            if not unit_name:  # the block is one Linear
+                compressed = unit.merged()
+                continue
+            unit.detach_from(compressed, unit_name, merge=True)
+        replace_module(model, name, compressed)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:.4g}"
 
 
 # -------------------------------------------------------------------------------------------- build g
+def _named_units(module: nn.Module) -> list[tuple[str, Any]]:
+    """The compressed units inside ``module`` with their names (a parametrized weight by its owner's name)."""
+    units = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, VConLinear):
+            units.append((name, child))
+        elif isinstance(child, VConWeight):
+            owner = name.rsplit(".parametrizations.", 1)[0] if ".parametrizations." in name else ""
+            units.append((owner, child))
+    return units
+
+
 def compressed_copy(block: nn.Module, layers: dict[str, Any], recompute_every: int = 1) -> nn.Module:
-    """g: a deep copy of ``block`` whose Linear/Conv1D layers named in ``layers`` (relative to the block, ``""``
-    for the block itself; each with its compressor) are :class:`VConLinear` at β = 0. ``block`` is not mutated.
+    """g: a deep copy of ``block`` whose units named in ``layers`` (relative to the block, ``""`` for the block
+    itself; each with its compressor) are compressed at β = 0. ``block`` is not mutated.
 
     A compression whose g never reads the dense copy (low-rank) gets that copy frozen.
     """
     compressed = copy.deepcopy(block)
-    for name, compressor in layers.items():
-        layer = VConLinear(compressed.get_submodule(name), compressor, recompute_every=recompute_every)
-        layer.set_beta(0.0)
-        if not compressor.copy_trains_latent_weight:
-            layer.weight.requires_grad_(False)
+    units = {name: make_unit(compressed, name, compressor, recompute_every) for name, compressor in layers.items()}
+    for name, unit in units.items():
+        unit.set_beta(0.0)
         if name:
-            replace_module(compressed, name, layer)
+            unit.attach_to(compressed, name)
         else:
-            compressed = layer
+            compressed = unit
+        if not unit.compressor.copy_trains_latent_weight:
+            unit.weight.requires_grad_(False)
     return compressed
 
 

@@ -15,12 +15,20 @@ from torch import nn
 
 from .config import CONFIG_NAME, VConConfig
 from .errors import IncompatibleCheckpointError
-from .export import is_vcon_key
 from .state import require_state, unwrap_model
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHOWN = 5
+
+WRAPPER_KEY_PARTS = (".base_layer.", ".vcon_", ".base_block.", ".parametrizations.")
+
+
+def is_vcon_key(key: str) -> bool:
+    """True for state-dict keys of the kinds a VCON-patched model adds (``….base_layer.…``, ``….vcon_…``, block-wise
+    ``….base_block.…`` / ``….vcon_block.…``, parametrized weights ``….parametrizations.…``). A model may have
+    parametrizations of its own (weight norm): use it to compare two patched models, not to tell a plain one apart."""
+    return any(part in key for part in WRAPPER_KEY_PARTS)
 
 
 def _flat(config: VConConfig) -> dict:

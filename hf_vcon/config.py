@@ -50,7 +50,8 @@ class VConConfig:
             ``binary_scale``; lowrank ``rank`` or ``rank_ratio``.
         target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
             matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
-            full module name; or ``"all-linear"`` (every Linear/Conv1D except the output head).
+            full module name; or ``"all-linear"`` (every Linear/Conv1D and fused expert weight of the base model;
+            the task head and MoE routers stay dense: README "Architectures").
         exclude_modules: modules to leave alone, in the same grammar (``"all-linear"`` excepted).
         module_overrides: per-module settings, like PEFT's ``rank_pattern``: a dict from a module-name pattern to
             a dict of options, and optionally another ``"method"``, e.g.

@@ -11,18 +11,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .linears import stored_orientation
-from .state import layer_tensors, require_state, unwrap_model
+from .state import layer_tensors, replaced_keys, require_state, unwrap_model
 from .summary import VConSummary, vcon_summary
-
-WRAPPER_KEY_PARTS = (".base_layer.", ".vcon_", ".base_block.")
-
-
-def is_vcon_key(key: str) -> bool:
-    """True for state-dict keys that only a VCON-patched model has (``….base_layer.…``, ``….vcon_…``, and
-    block-wise ``….base_block.…`` / ``….vcon_block.…``)."""
-    return any(part in key for part in WRAPPER_KEY_PARTS)
-
 
 def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The state dict of ``merge_and_unload(model)`` without touching the model: keys of the base architecture,
@@ -35,14 +25,12 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     """
     state = require_state(model, "merged_state_dict")
     source = state_dict if state_dict is not None else unwrap_model(model).state_dict()
+    dropped, renamed = replaced_keys(state)
     layer_wise = state.granularity.layer_wise_state_dict(state, source)
-    merged = {key: value for key, value in layer_wise.items() if not is_vcon_key(key)}
+    merged = {renamed.get(key, key): value for key, value in layer_wise.items() if key not in dropped}
     with torch.no_grad():
         for name, layer, weight, params in layer_tensors(state, source):
-            compressed = layer.compressor.compressed_weight(weight, params)
-            merged[f"{name}.weight"] = stored_orientation(layer.base_layer, compressed)
-            if f"{name}.base_layer.bias" in layer_wise:
-                merged[f"{name}.bias"] = layer_wise[f"{name}.base_layer.bias"]
+            merged[layer.merged_key(name)] = layer.stored(layer.compress(weight, params))
     return merged
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from .compressors import Compressor
 from .errors import VConError
-from .linears import LINEAR_TYPES, is_conv1d, linear_shape, linear_weight, write_weight
+from .linears import LINEAR_TYPES, is_conv1d, linear_shape, linear_weight, stored_orientation, write_weight
+from .state import replace_module
 
 
 class _StraightThroughLinear(torch.autograd.Function):
@@ -57,6 +58,17 @@ class _StraightThroughLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(dim=0).to(latent.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class ForwardAudit:
+    """While active (the model's first forward after patching), which VCON layers ran and whose weight model code
+    read from outside their forward: a layer read but never run is bypassed by the model (a wrong result)."""
+
+    active: Optional["ForwardAudit"] = None
+
+    def __init__(self) -> None:
+        self.ran: set[int] = set()
+        self.read: set[int] = set()
 
 
 def keep_in_graph(output: torch.Tensor, unused: list[torch.Tensor]) -> torch.Tensor:
@@ -113,6 +125,9 @@ class VConLinear(nn.Module):
     @property
     def weight(self) -> nn.Parameter:
         """The latent dense weight W as the base layer stores it (Conv1D: ``(in, out)``)."""
+        audit = ForwardAudit.active
+        if audit is not None and id(self) not in audit.ran:
+            audit.read.add(id(self))
         return self.base_layer.weight
 
     @property
@@ -172,19 +187,69 @@ class VConLinear(nn.Module):
         return self.compressor.compressed_weight(self.latent_weight(), self.compressed_params())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ForwardAudit.active is not None:
+            ForwardAudit.active.ran.add(id(self))
         if self.beta == 1.0:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)
         if self.compressor.trains_straight_through:  # β·W + (1−β)·C(W), one matmul, gradient straight through to W
-            return _StraightThroughLinear.apply(x, self.latent_weight(), self.bias, self.compression_state(),
-                                                self.compressor, self.beta, self.kept_only)
+            # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
+            # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
+            flat = _StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
+                                                self.compression_state(), self.compressor, self.beta, self.kept_only)
+            return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()
         if self.beta == 0.0:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
             output = self.compressor.compressed_forward(x, params, self.bias)
             return keep_in_graph(output, [self.weight] if self.training else [])
         return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.beta)
 
+    # ---------------------------------------------------------------- the unit's tensors, for the exports
+    def state_keys(self, name: str) -> tuple[str, dict[str, str]]:
+        """The keys of W and of the compressed path's tensors in the (layer-wise) state dict, for layer ``name``."""
+        return f"{name}.base_layer.weight", {key: f"{name}.vcon_{key}" for key in self.compressed_params()}
+
+    def replaced_keys(self, name: str) -> tuple[set[str], dict[str, str]]:
+        """The patched model's keys a plain model does not have, and the base layer's other keys → their plain names."""
+        dropped, renamed = set(), {}
+        for local_key in self.state_dict(keep_vars=True):
+            if local_key.startswith("base_layer.") and local_key != "base_layer.weight":
+                renamed[f"{name}.{local_key}"] = f"{name}.{local_key[len('base_layer.'):]}"
+            else:
+                dropped.add(f"{name}.{local_key}")
+        return dropped, renamed
+
+    def merged_key(self, name: str) -> str:
+        return f"{name}.weight"
+
+    def describe(self) -> dict:
+        """What the compact format records to rebuild this layer."""
+        return {"kind": "linear", "module": type(self.base_layer).__name__, "shape": [self.out_features, self.in_features]}
+
+    def oriented(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor stored as the base layer stores its weight, in Linear orientation ``(out, in)``."""
+        return linear_weight(self.base_layer, stored)
+
+    def stored(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight ``(out, in)`` as the base layer stores it."""
+        return stored_orientation(self.base_layer, weight)
+
+    def compress(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compressor.compressed_weight(weight, params)
+
+    def stats(self, weight: torch.Tensor, params: dict[str, torch.Tensor]):
+        return self.compressor.stats(weight, params)
+
+    def pack(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.compressor.pack(weight, params)
+
     # -------------------------------------------------------------------------------------- lifecycle
+    def attach_to(self, model: nn.Module, name: str) -> None:
+        replace_module(model, name, self)
+
+    def detach_from(self, model: nn.Module, name: str, merge: bool) -> None:
+        replace_module(model, name, self.merged() if merge else self.base_layer)
+
     def merged(self) -> nn.Module:
         """The base layer with C written into its weight (in place): the compressed layer, plain again.
 
@@ -194,10 +259,6 @@ class VConLinear(nn.Module):
         trainable = any(param.requires_grad for param in self.parameters())
         write_weight(self.base_layer, self.compressed_weight())
         self.base_layer.weight.requires_grad_(trainable)
-        return self.base_layer
-
-    def unloaded(self) -> nn.Module:
-        """The base layer with its latent dense weight, unchanged."""
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """Layer-wise VCON (the default, ``granularity="layer"``): every targeted Linear/Conv1D becomes a
-:class:`~hf_vcon.layers.VConLinear` that blends its weights, and holds its own β."""
+:class:`~hf_vcon.layers.VConLinear` that blends its weights (a :class:`~hf_vcon.parametrized.VConWeight` where the
+weight is read directly), and holds its own β."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from torch import nn
 
 from .config import VConConfig
 from .distributed import gathered_for_reading
-from .layers import VConLinear
 from .plan import plan_for, resolve_targets
 from .state import Granularity, Wrapped
+from .units import make_unit, unit_weight
 
 
 class LayerWise(Granularity):
@@ -19,9 +20,8 @@ class LayerWise(Granularity):
         plan = plan_for(model, config, resolve_targets(model, config))
         layers = []
         for name, compressor in zip(plan.names, plan.compressors):
-            module = model.get_submodule(name)
             # A weight that ZeRO-3 partitioned is gathered first: the compressed path's tensors (low-rank factors)
             # are built from the full weight, never from a shard.
-            with gathered_for_reading([module.weight]):
-                layers.append(VConLinear(module, compressor, recompute_every=config.recompute_every))
+            with gathered_for_reading([unit_weight(model, name)]):
+                layers.append(make_unit(model, name, compressor, config.recompute_every))
         return Wrapped(plan=plan, holder_names=list(plan.names), holders=list(layers), layers=layers)

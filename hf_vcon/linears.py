@@ -20,8 +20,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a Linear or Conv1D."""
-    rows, cols = module.weight.shape
+    """``(out_features, in_features)`` of a Linear or Conv1D; its full shape even when DeepSpeed ZeRO-3 partitioned
+    the weight (the local data is then empty and ``ds_shape`` holds the shape)."""
+    rows, cols = tuple(getattr(module.weight, "ds_shape", None) or module.weight.shape)
     return (cols, rows) if is_conv1d(module) else (rows, cols)
 
 

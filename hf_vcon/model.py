@@ -16,10 +16,11 @@ from torch import nn
 from .blocks import BlockWise
 from .config import VConConfig
 from .errors import VConError
-from .layers import VConLinear
+from .layers import ForwardAudit, VConLinear
 from .layerwise import LayerWise
-from .plan import MAX_NAMES_SHOWN, warn_skipped_experts
-from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, replace_module, require_state, unwrap_model
+from .parametrized import VConWeight
+from .plan import MAX_NAMES_SHOWN
+from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, require_state, unwrap_model
 from .transitions import set_state_step, transition_of
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -29,7 +30,7 @@ GRANULARITIES = {"layer": LayerWise(), "block": BlockWise()}
 
 # --------------------------------------------------------------------------------------------- apply_vcon
 def _check_not_wrapped(model: nn.Module) -> None:
-    if get_vcon_state(model) is not None or any(isinstance(m, VConLinear) for m in model.modules()):
+    if get_vcon_state(model) is not None or any(isinstance(m, (VConLinear, VConWeight)) for m in model.modules()):
         raise VConError("This model already has VCON layers; call unload() or merge_and_unload() before apply_vcon again.")
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -78,15 +79,55 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
     _check_not_wrapped(model)
     granularity = GRANULARITIES[config.granularity]
     wrapped = granularity.wrap(model, config)  # every check and every wrapper, before the model is touched
-    warn_skipped_experts(model, config)
     for name, holder in zip(wrapped.holder_names, wrapped.holders):
-        replace_module(model, name, holder)
+        holder.attach_to(model, name)
     state = VConState(config=config, granularity=granularity, targeted_module_names=list(wrapped.plan.names),
                       layers=wrapped.layers, settings=list(wrapped.plan.settings), holder_names=wrapped.holder_names,
                       holders=wrapped.holders)
     transition_of(state).prepare(state)
     setattr(model, STATE_ATTRIBUTE, state)
+    _audit_first_forward(model, state)
     return model
+
+
+def _audit_first_forward(model: nn.Module, state: VConState) -> None:
+    """Check, at the model's first forward, that no VCON layer is bypassed: model code that reads a layer's weight
+    directly instead of calling it (and that :mod:`hf_vcon.units` did not recognise) would never see the blend. Such
+    a layer raises :class:`VConError` naming it, at every forward, instead of giving a silently wrong result.
+
+    The hooks find the state on the model they run on, so a deep copy audits itself; once a forward passed they do
+    nothing, and :func:`merge_and_unload` / :func:`unload` remove them.
+    """
+    state.audit_pending = True
+    model.register_forward_pre_hook(_audit_start)
+    model.register_forward_hook(_audit_finish, always_call=True)
+
+
+def _audit_start(module: nn.Module, args) -> None:
+    state = getattr(module, STATE_ATTRIBUTE, None)
+    if state is not None and state.audit_pending and ForwardAudit.active is None:
+        ForwardAudit.active = ForwardAudit()
+
+
+def _audit_finish(module: nn.Module, args, output) -> None:
+    state = getattr(module, STATE_ATTRIBUTE, None)
+    if state is None or not state.audit_pending or ForwardAudit.active is None:
+        return
+    audit, ForwardAudit.active = ForwardAudit.active, None
+    bypassed = [name for name, layer in zip(state.targeted_module_names, state.layers) if id(layer) in audit.read - audit.ran]
+    if bypassed:
+        raise VConError(
+            f"The model read the weight of VCON layer(s) {bypassed[:MAX_NAMES_SHOWN]} without calling them, so their "
+            "blend β·W + (1−β)·C was bypassed. Exclude them (exclude_modules=[...]) and report the model type to "
+            "hf_vcon, so that it parametrizes such weights instead."
+        )
+    state.audit_pending = False
+
+
+def _remove_audit(model: nn.Module) -> None:
+    for hooks, function in ((model._forward_pre_hooks, _audit_start), (model._forward_hooks, _audit_finish)):
+        for key in [key for key, hook in hooks.items() if hook is function]:
+            del hooks[key]
 
 
 # --------------------------------------------------------------------------------------------------- β
@@ -262,8 +303,9 @@ def merge_and_unload(model: ModelT) -> ModelT:
     check_finite(state)
     with torch.no_grad():
         for name, holder in zip(state.holder_names, state.holders):
-            replace_module(model, name, holder.merged())
+            holder.detach_from(model, name, merge=True)
     delattr(model, STATE_ATTRIBUTE)
+    _remove_audit(model)
     return model
 
 
@@ -279,6 +321,7 @@ def unload(model: ModelT) -> ModelT:
     model = unwrap_model(model)
     state = require_state(model, "unload")
     for name, holder in zip(state.holder_names, state.holders):
-        replace_module(model, name, holder.unloaded())
+        holder.detach_from(model, name, merge=False)
     delattr(model, STATE_ATTRIBUTE)
+    _remove_audit(model)
     return model

@@ -9,9 +9,10 @@ from torch import nn
 
 from .config import VConConfig
 from .errors import NoTargetModulesError, VConWarning
-from .linears import LINEAR_TYPES, linear_shape
+from .linears import LINEAR_TYPES
 from .state import Plan
-from .targets import ALL_LINEAR, find_targets, fused_expert_modules, matches, matches_pattern
+from .targets import ALL_LINEAR, find_targets, matches_pattern
+from .units import unit_shape
 
 MAX_NAMES_SHOWN = 10
 
@@ -41,9 +42,14 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
 def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
     """The setting and compressor of every module in ``names`` (one compressor per distinct setting).
 
+    With ``target_modules="all-linear"``, a layer that its compression cannot take (an N:M pattern that does not
+    divide its inputs, a low-rank factorisation that would not be smaller) stays dense, with a warning naming it;
+    a layer targeted by name raises instead.
+
     Raises:
-        ValueError: if a ``module_overrides`` pattern matches none of ``names``, or a module cannot take its
-            compression (the compressor's ``check_layer`` names it).
+        ValueError: if a ``module_overrides`` pattern matches none of ``names``, or a layer targeted by name cannot
+            take its compression (the compressor's ``check_layer`` names it).
+        NoTargetModulesError: if every layer "all-linear" found is left dense.
     """
     for pattern, _ in config.override_settings:
         if not any(matches_pattern(name, pattern) for name in names):
@@ -53,23 +59,30 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
             )
     settings = [config.setting_for(name) for name in names]
     by_setting = {setting: setting.compressor() for setting in dict.fromkeys(settings)}
-    compressors = [by_setting[setting] for setting in settings]
-    for name, compressor in zip(names, compressors):
-        compressor.check_layer(name, *linear_shape(model.get_submodule(name)))
-    return Plan(names=names, settings=settings, compressors=compressors)
+    kept, skipped = [], []
+    for name, setting in zip(names, settings):
+        try:
+            by_setting[setting].check_layer(name, *unit_shape(model, name))
+        except ValueError as error:
+            if config.target_modules != ALL_LINEAR:
+                raise
+            skipped.append((name, str(error)))
+            continue
+        kept.append((name, setting))
+    _warn_skipped(skipped, kept)
+    return Plan(names=[name for name, _ in kept], settings=[setting for _, setting in kept],
+                compressors=[by_setting[setting] for _, setting in kept])
 
 
-def warn_skipped_experts(model: nn.Module, config: VConConfig) -> None:
-    """Warn about mixture-of-experts weights the targets would cover but VCON cannot wrap."""
-    experts = [
-        name
-        for name in fused_expert_modules(model)
-        if config.target_modules == ALL_LINEAR or matches(name, config.target_modules)
-    ]
-    if experts:
-        warnings.warn(
-            f"{len(experts)} module(s) hold fused 3-D expert weights (e.g. {experts[:3]}), not Linear layers; VCON "
-            "skips them and they stay dense.",
-            VConWarning,
-            stacklevel=3,
-        )
+def _warn_skipped(skipped: list[tuple[str, str]], kept: list) -> None:
+    if not skipped:
+        return
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+    if not kept:
+        raise NoTargetModulesError(f"target_modules='all-linear' found no layer its compression can take: {reasons}")
+    warnings.warn(
+        f"target_modules='all-linear': {len(skipped)} layer(s) cannot take their compression and stay dense "
+        f"({reasons}{' …' if len(skipped) > 3 else ''}).",
+        VConWarning,
+        stacklevel=4,
+    )

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Optional
 from torch import nn
 
 from .errors import VConError
-from .linears import linear_weight
 
 if TYPE_CHECKING:
     from .config import VConConfig
@@ -79,6 +78,7 @@ class VConState:
     holder_names: list[str]
     holders: list[nn.Module] = field(repr=False)
     compression_version: int = 0
+    audit_pending: bool = False  # the first forward still has to show that no layer is bypassed
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -134,9 +134,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def layer_tensors(state: VConState, state_dict: Optional[dict] = None):
-    """``(name, layer, W, params)`` of every compressed layer: W ``(out, in)`` and the compressed path's tensors,
-    read from the layers themselves or, when the modules hold only shards (FSDP, ZeRO-3), from a full
-    ``state_dict`` of the patched model."""
+    """``(name, unit, W, params)`` of every compressed unit: W in Linear orientation (``(out, in)``, or
+    ``(experts, out, in)``) and the compressed path's tensors, read from the units themselves or, when the modules
+    hold only shards (FSDP, ZeRO-3), from a full ``state_dict`` of the patched model."""
     if state_dict is None:
         for name, layer in zip(state.targeted_module_names, state.layers):
             params = {key: value.detach() for key, value in layer.compressed_params().items()}
@@ -144,6 +144,17 @@ def layer_tensors(state: VConState, state_dict: Optional[dict] = None):
         return
     source = state.granularity.layer_wise_state_dict(state, state_dict)
     for name, layer in zip(state.targeted_module_names, state.layers):
-        weight = source[f"{name}.base_layer.weight"]
-        params = {key: source[f"{name}.vcon_{key}"] for key in layer.compressed_params()}
-        yield name, layer, linear_weight(layer.base_layer, weight), params
+        latent_key, param_keys = layer.state_keys(name)
+        params = {key: source[full_key] for key, full_key in param_keys.items()}
+        yield name, layer, layer.oriented(source[latent_key]), params
+
+
+def replaced_keys(state: VConState) -> tuple[set[str], dict[str, str]]:
+    """The (layer-wise) state-dict keys only the patched model has, and keys it holds under other names."""
+    dropped: set[str] = set()
+    renamed: dict[str, str] = {}
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        unit_dropped, unit_renamed = layer.replaced_keys(name)
+        dropped |= unit_dropped
+        renamed.update(unit_renamed)
+    return dropped, renamed

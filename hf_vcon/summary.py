@@ -15,7 +15,7 @@ from .state import layer_tensors, require_state
 @dataclass(frozen=True)
 class LayerSummary:
     name: str
-    shape: tuple[int, int]  # (out_features, in_features)
+    shape: tuple[int, ...]  # (out_features, in_features), or (experts, out_features, in_features)
     method: str
     stats: CompressionStats
 
@@ -142,5 +142,5 @@ def vcon_summary(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]]
     for name, layer, weight, params in layer_tensors(state, state_dict):
         weight, params = _readable(weight), {key: _readable(value) for key, value in params.items()}
         layers.append(LayerSummary(name=name, shape=tuple(weight.shape), method=layer.compressor.name,
-                                   stats=layer.compressor.stats(weight, params)))
+                                   stats=layer.stats(weight, params)))
     return VConSummary(method=state.config.method, beta=state.beta, layers=tuple(layers))

@@ -19,7 +19,7 @@ from torch import nn
 from .linears import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
-# Attribute names of classification heads that "all-linear" leaves out (PEFT's SEQ_CLS_HEAD_NAMES).
+# Attribute names of classification heads that "all-linear" leaves out of a plain nn.Module (PEFT's SEQ_CLS_HEAD_NAMES).
 HEAD_ATTRIBUTE_NAMES = ("classifier", "score")
 
 Targets = Union[str, list[str], None]
@@ -55,44 +55,85 @@ def matches_pattern(name: str, pattern: str) -> bool:
     return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Module names of the output head: ``get_output_embeddings()`` and a top-level ``classifier``/``score``."""
-    heads = []
+def _head_roots(model: nn.Module) -> set[str]:
+    """Names of the modules that form the task head: the output embeddings, and, in a model with a head on top of
+    its base model (``base_model_prefix``), every top-level module outside the base model (classifiers, CTC and
+    LM heads, distillation heads, sequence summaries…); without a base model, a top-level ``classifier``/``score``."""
+    roots: list[nn.Module] = []
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     if callable(get_output_embeddings):
-        heads.append(get_output_embeddings())
-    heads.extend(getattr(model, attribute, None) for attribute in HEAD_ATTRIBUTE_NAMES)
-    head_ids = {id(head) for head in heads if isinstance(head, nn.Module)}
-    return {name for name, module in model.named_modules() if id(module) in head_ids}
+        roots.append(get_output_embeddings())
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and base is not model:
+        roots.extend(child for child in model.children() if child is not base)
+    else:
+        roots.extend(getattr(model, attribute, None) for attribute in HEAD_ATTRIBUTE_NAMES)
+    ids = {id(root) for root in roots if isinstance(root, nn.Module)}
+    return {name for name, module in model.named_modules() if id(module) in ids}
 
 
-def is_target(name: str, module: nn.Module, target_modules: Targets, exclude_modules: Targets, heads: set[str]) -> bool:
-    """True if ``module`` called ``name`` is a Linear/Conv1D that the config targets and does not exclude."""
-    if not isinstance(module, LINEAR_TYPES) or matches(name, exclude_modules):
-        return False
-    if target_modules == ALL_LINEAR:
-        return name not in heads
-    return matches(name, target_modules)
+def _router_roots(model: nn.Module) -> set[str]:
+    """Names of mixture-of-experts routers and gates (``gate``, ``router``, ``*_gate`` beside ``experts``)."""
+    roots = set()
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if "experts" not in children:
+            continue
+        for child in children:
+            if child in ("gate", "router") or child.endswith("_gate"):
+                roots.add(f"{name}.{child}" if name else child)
+    return roots
+
+
+def excluded_by_all_linear(model: nn.Module) -> set[str]:
+    """The module names ``"all-linear"`` leaves dense: the task head and the MoE routers (name them in
+    ``target_modules`` to compress them on purpose)."""
+    return _head_roots(model) | _router_roots(model)
+
+
+def _under(name: str, roots: set[str]) -> bool:
+    return name in roots or any(name.startswith(f"{root}.") for root in roots)
+
+
+def is_expert_module(name: str, module: nn.Module) -> bool:
+    return "expert" in f"{name}.{type(module).__name__}".lower()
+
+
+def fused_weight_names(module: nn.Module, name: str) -> list[str]:
+    """The parameters of ``module`` that are linear maps read directly rather than through a Linear: the 3-D expert
+    weights ``(experts, out, in)`` of a mixture-of-experts module, and ``nn.MultiheadAttention``'s input projections."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [key for key in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if getattr(module, key, None) is not None]
+    if not is_expert_module(name, module):
+        return []
+    return [key for key, param in module.named_parameters(recurse=False) if param.dim() == 3 and param.is_floating_point()]
+
+
+def candidate_targets(model: nn.Module) -> list[tuple[str, str]]:
+    """Every ``(name, owner)`` VCON can compress, in model order: Linear/Conv1D modules (``owner`` = the name) and
+    fused weights (``<owner>.<parameter>``)."""
+    found = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, LINEAR_TYPES):
+            found.append((name, name))
+        found.extend((f"{name}.{key}" if name else key, name) for key in fused_weight_names(module, name))
+    return found
 
 
 def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None) -> list[str]:
-    """Names of the modules of ``model`` that VCON would wrap, in ``named_modules()`` order."""
-    heads = output_head_names(model) if target_modules == ALL_LINEAR else set()
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and is_target(name, module, target_modules, exclude_modules, heads)
-    ]
-
-
-def fused_expert_modules(model: nn.Module) -> list[str]:
-    """Names of mixture-of-experts modules holding fused 3-D expert weights (transformers 5), which VCON cannot wrap.
-
-    They are recognised by a 3-D parameter in a module whose name or class name mentions "expert".
-    """
-    return [
-        name
-        for name, module in model.named_modules()
-        if "expert" in f"{name}.{type(module).__name__}".lower()
-        and any(param.dim() == 3 for param in module.parameters(recurse=False))
-    ]
+    """Names of what VCON would compress in ``model``: Linear/Conv1D module names and fused weights'
+    ``<owner>.<parameter>`` names, in model order. A fused weight matches the grammar by its own name or its owner's."""
+    excluded = excluded_by_all_linear(model) if target_modules == ALL_LINEAR else set()
+    names = []
+    for name, owner in candidate_targets(model):
+        if matches(name, exclude_modules) or (owner != name and matches(owner, exclude_modules)):
+            continue
+        if target_modules == ALL_LINEAR:
+            chosen = not _under(name, excluded)
+        else:
+            chosen = matches(name, target_modules) or (owner != name and matches(owner, target_modules))
+        if chosen:
+            names.append(name)
+    return names

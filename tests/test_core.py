@@ -259,18 +259,6 @@ def test_exclude_modules_and_regex_targets():
     assert names and all(".layers.1." in n and not n.endswith("o_proj") for n in names)
 
 
-def test_fused_experts_are_skipped_with_a_warning():
-    class MoeExperts(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 16))
-
-    model = nn.Sequential(nn.Linear(8, 8), MoeExperts())
-    with pytest.warns(UserWarning, match="fused 3-D expert"):
-        apply_vcon(model, vcon_config("binary", {}))
-    assert get_vcon_state(model).targeted_module_names == ["0"]
-
-
 # ------------------------------------------------------------------------------------- lifecycle errors
 def test_wrapping_twice_is_an_error():
     model = apply_vcon(build("bert"), vcon_config("binary", {}))

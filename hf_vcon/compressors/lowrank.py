@@ -75,6 +75,28 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The product B·A ``(out, in)``, for model code that reads a Linear's ``.weight`` (T5 reads its dtype).
+
+        For inference it is built on first read and kept until a factor changes, so a model that reads it every
+        forward pays once, and one that never reads it never holds the dense product. While the factors train it is
+        built at every read, as part of the graph.
+        """
+        factors = (self.A.weight, self.B.weight)
+        if torch.is_grad_enabled() and any(factor.requires_grad for factor in factors):
+            return self.B.weight @ self.A.weight
+        key = tuple((factor._version, factor.data_ptr()) for factor in factors)
+        if getattr(self, "_product_key", None) != key:
+            with torch.no_grad():
+                self._product = self.B.weight @ self.A.weight
+            self._product_key = key
+        return self._product
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.B.bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
