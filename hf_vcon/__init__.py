@@ -44,6 +44,7 @@ from .trainer import VConCallback, VConTrainer
 from .export import merged_state_dict, save_merged
 from .card import model_card
 from .compact import load_compressed, save_compressed
+from .checkpoint_export import export_checkpoint, load_training_checkpoint
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
@@ -81,6 +82,8 @@ __all__ = [
     "model_card",
     "save_compressed",
     "load_compressed",
+    "export_checkpoint",
+    "load_training_checkpoint",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "VConError",

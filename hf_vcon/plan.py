@@ -3,6 +3,7 @@ module is replaced (a failure never leaves a half-patched model)."""
 
 from __future__ import annotations
 
+import difflib
 import warnings
 
 from torch import nn
@@ -27,6 +28,7 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
     Raises:
         NoTargetModulesError: if there are none, listing some Linear names of the model.
     """
+    warn_unmatched_excludes(model, config.exclude_modules)
     names = find_targets(model, config.target_modules, config.exclude_modules)
     if not names:
         linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
@@ -36,6 +38,44 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
             f"{' …' if len(linear_names) > MAX_NAMES_SHOWN else ''}."
         )
     return names
+
+
+def _close_linear_names(entry: str, linear_names: list[str]) -> list[str]:
+    """Dotted suffixes of Linear names that ``entry`` may have meant: those under a module ``entry`` names, else the
+    closest spellings."""
+    suffixes = sorted({".".join(name.split(".")[i:]) for name in linear_names for i in range(len(name.split(".")))},
+                      key=lambda suffix: (suffix.count("."), suffix))
+    under = [suffix for suffix in suffixes if entry in suffix.split(".")[:-1]]
+    return under[:3] or difflib.get_close_matches(entry, suffixes, n=3)
+
+
+def warn_unmatched_excludes(model: nn.Module, exclude_modules) -> list[str]:
+    """Warn for each ``exclude_modules`` entry (or the regex) that names no Linear/Conv1D module; return them.
+
+    Such an entry excludes nothing. The warning says which module it does name, if any (an exclusion names the
+    Linear layers themselves, as in PEFT: ``pooler`` names BERT's pooler, not its Linear ``pooler.dense``), and
+    the closest Linear names.
+    """
+    if not exclude_modules:
+        return []
+    entries = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+    all_names = [name for name, _ in model.named_modules() if name]
+    linear_names = [name for name, module in model.named_modules() if name and isinstance(module, LINEAR_TYPES)]
+    unmatched = [entry for entry in entries
+                 if not any(matches(name, entry if isinstance(exclude_modules, str) else [entry]) for name in linear_names)]
+    for entry in unmatched:
+        named = [name for name in all_names if matches(name, entry if isinstance(exclude_modules, str) else [entry])]
+        what = (f"it names {shown(named)}, not a Linear/Conv1D layer (an exclusion names the layers themselves)"
+                if named else "it names no module of this model")
+        close = _close_linear_names(entry, linear_names)
+        warnings.warn(
+            f"exclude_modules entry {entry!r} excludes nothing: {what}. "
+            + (f"Did you mean {', '.join(repr(name) for name in close)}?" if close else
+               f"Some Linear module names: {shown(linear_names)}."),
+            VConWarning,
+            stacklevel=5,  # apply_vcon's caller
+        )
+    return unmatched
 
 
 def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
