@@ -111,7 +111,8 @@ def _setting_text(setting) -> str:
 def _transition_rows(config, transition_steps: Optional[int], steps_trained: Optional[int]) -> list[str]:
     if transition_steps == 0 or config.transition_steps == 0:
         return [f"| transition | none: post-shot, compressed from step {config.start_step} on (Q = 0) |"]
-    q_text = f"{config.transition_steps}" + (f" ({transition_steps} optimizer steps)" if transition_steps is not None else "")
+    steps = f" ({transition_steps} optimizer steps)" if transition_steps is not None else ""
+    q_text = f"{config.transition_steps}{steps}"
     rows = [f"| transition Q | {q_text} |", f"| schedule | {config.schedule} (start step {config.start_step}) |"]
     end = None if transition_steps is None else config.start_step + transition_steps
     if end is not None and steps_trained is not None and steps_trained < end:
@@ -125,12 +126,13 @@ def _compression_rows(config, summary: VConSummary, base_model: Optional[str], t
     rows = [
         "| | |",
         "|---|---|",
-        f"| base model | {base_model or 'unknown'} |",
+        f"| base model | {base_model or 'none given (trained from a config?)'} |",
         f"| method | {', '.join(summary.methods) or config.method} |",
         f"| setting | {', '.join(summary.settings)} |",
         f"| options | {_setting_text(config.setting)} |",
     ]
-    rows += [f"| module_overrides `{pattern}` | {_setting_text(setting)} |" for pattern, setting in config.override_settings]
+    rows += [f"| module_overrides `{pattern}` | {_setting_text(setting)} |"
+             for pattern, setting in config.override_settings]
     rows += _transition_rows(config, transition_steps, steps_trained)
     rows += [
         f"| target modules | {config.target_modules!r} (exclude {config.exclude_modules!r}) |",
@@ -169,7 +171,8 @@ def _card_data(base_model: Optional[str], tags: list[str], model_name: Optional[
 
     return ModelCardData(base_model=_hub_id(base_model), library_name="transformers", tags=tags, model_name=model_name,
                          pipeline_tag=details.tasks[0] if details.tasks else None,
-                         datasets=list(details.dataset_tags) or None, language=details.language, license=details.license)
+                         datasets=list(details.dataset_tags) or None, language=details.language,
+                         license=details.license)
 
 
 def model_card(
@@ -212,12 +215,12 @@ def model_card(
     lines = [
         f"# {model_name or 'VCON-compressed model'}",
         "",
-        f"This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
-        f"[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
-        f"compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
-        f"compressed model (β = 0), stored densely so that `from_pretrained` loads them without hf_vcon.",
+        "This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
+        "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
+        "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
+        "compressed model (β = 0), stored densely so that `from_pretrained` loads them without hf_vcon.",
         "",
-        *_usage_lines(inner, details.repo_id or model_name or "path/to/this/folder"),
+        *_usage_lines(inner, details.repo_id or f"path/to/{model_name or 'this-folder'}"),
         "",
         "## Compression",
         "",
@@ -232,7 +235,8 @@ def model_card(
         configurations = f" ({', '.join(details.dataset_args)})" if details.dataset_args else ""
         training = {"dataset": ", ".join(details.dataset or details.dataset_tags) + configurations, **training}
     if training:
-        lines += ["", "## Training", "", "| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in training.items()]]
+        lines += ["", "## Training", "", "| | |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in training.items()]
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:
         lines += ["", "## Comparison", "", details.comparison]

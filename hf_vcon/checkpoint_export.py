@@ -153,7 +153,9 @@ def load_training_checkpoint(folder: str) -> nn.Module:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a folder.")
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-        raise IncompatibleCheckpointError(f"{folder!r} has no {CONFIG_NAME}: it is not the training state of a VCON run.")
+        raise IncompatibleCheckpointError(
+            f"{folder!r} has no {CONFIG_NAME}: it is not the training state of a VCON run."
+        )
     vcon_config = VConConfig.from_pretrained(folder)
     saved = _read_state_dict(folder)
     model = apply_vcon(_build_model(folder, saved), vcon_config)

@@ -57,10 +57,11 @@ def training_budget(training_args: Any, trainer_state: Any) -> dict[str, str]:
         return rows
     per_device, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     world = getattr(training_args, "world_size", 1)
-    rows["batch"] = f"{per_device * accumulation * world} ({per_device} per device × {accumulation} accumulation × {world} processes)"
+    rows["batch"] = (f"{per_device * accumulation * world} ({per_device} per device × {accumulation} accumulation × "
+                     f"{world} process{'es' if world > 1 else ''})")
     scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-    rows["learning rate"] = f"{training_args.learning_rate:g}, {scheduler} schedule, {training_args.optim!s} optimizer".replace(
-        "OptimizerNames.", "")
+    optimizer = getattr(training_args.optim, "value", training_args.optim)
+    rows["learning rate"] = f"{training_args.learning_rate:g}, {scheduler} schedule, {optimizer} optimizer"
     rows["precision"] = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     rows["seed"] = str(training_args.seed)
     return rows

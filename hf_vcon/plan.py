@@ -61,10 +61,12 @@ def warn_unmatched_excludes(model: nn.Module, exclude_modules) -> list[str]:
     entries = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
     all_names = [name for name, _ in model.named_modules() if name]
     linear_names = [name for name, module in model.named_modules() if name and isinstance(module, LINEAR_TYPES)]
-    unmatched = [entry for entry in entries
-                 if not any(matches(name, entry if isinstance(exclude_modules, str) else [entry]) for name in linear_names)]
+    def grammar(entry):  # one list entry on its own, or the regex
+        return entry if isinstance(exclude_modules, str) else [entry]
+
+    unmatched = [entry for entry in entries if not any(matches(name, grammar(entry)) for name in linear_names)]
     for entry in unmatched:
-        named = [name for name in all_names if matches(name, entry if isinstance(exclude_modules, str) else [entry])]
+        named = [name for name in all_names if matches(name, grammar(entry))]
         what = (f"it names {shown(named)}, not a Linear/Conv1D layer (an exclusion names the layers themselves)"
                 if named else "it names no module of this model")
         close = _close_linear_names(entry, linear_names)

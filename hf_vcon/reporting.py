@@ -70,7 +70,7 @@ def saved_model_metrics(log_history: list[dict]) -> tuple[dict, Optional[int], b
 
 
 def transition_end(config: VConConfig, max_steps: Optional[int]) -> Optional[int]:
-    """The optimizer step at which β reaches 0 (``start_step + Q``), or ``None`` if Q is a fraction of an unknown run."""
+    """The optimizer step at which β reaches 0 (``start_step + Q``); ``None`` if Q is a fraction of an unknown run."""
     if not isinstance(config.transition_steps, int) and not max_steps:
         return None
     return config.start_step + config.resolve_transition_steps(max_steps)

@@ -1,4 +1,4 @@
-"""Training checkpoints → the merged compressed model: ``hf_vcon.export_checkpoint`` and ``python -m hf_vcon export``."""
+"""Training checkpoints → the merged compressed model: ``hf_vcon.export_checkpoint``, ``python -m hf_vcon export``."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def test_export_equals_merging_the_trained_model(tmp_path, method, setting):
     _export_equals_merging(tmp_path, "bert", method, setting)
 
 
-@pytest.mark.parametrize("kind, method, setting", [("vit", "prune", {"sparsity": 0.5}), ("gpt2", "lowrank", {"rank": 3}),
-                                                   ("llama", "binary", {})], ids=["vit", "gpt2", "llama"])
+@pytest.mark.parametrize("kind, method, setting",
+                         [("vit", "prune", {"sparsity": 0.5}), ("gpt2", "lowrank", {"rank": 3}),
+                          ("llama", "binary", {})],
+                         ids=["vit", "gpt2", "llama"])
 def test_export_across_architectures(tmp_path, kind, method, setting):
     """ViT (saved under legacy names by transformers 5), GPT-2 (Conv1D, tied embeddings), Llama (GQA)."""
     _export_equals_merging(tmp_path, kind, method, setting)
@@ -60,7 +62,8 @@ def _export_equals_merging(tmp_path, kind, method, setting):
 
     reloaded = getattr(transformers, AUTO[kind]).from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(reloaded, kind), logits(merge_and_unload(model).eval(), kind), atol=1e-5, rtol=0)
-    assert not any("base_layer" in key or "vcon_" in key for key in load_file(tmp_path / "merged" / "model.safetensors"))
+    merged_keys = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("base_layer" in key or "vcon_" in key for key in merged_keys)
     assert json.loads((tmp_path / "merged" / "vcon_config.json").read_text())["method"] == method
     assert summary.layers and f"| method | {method} |" in (tmp_path / "merged" / "README.md").read_text()
 
@@ -100,8 +103,9 @@ def test_a_trainer_checkpoint_exports_to_the_model_the_trainer_saves(tmp_path, m
     assert run_cli(monkeypatch, "export", str(checkpoint), str(tmp_path / "merged")) == 0
     inputs = TinyTextDataset(4, seed=5).input_ids
     with torch.no_grad():
-        expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()(input_ids=inputs).logits
-        exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(input_ids=inputs).logits
+        final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        expected, exported = final(input_ids=inputs).logits, merged(input_ids=inputs).logits
     torch.testing.assert_close(exported, expected, atol=1e-6, rtol=0)
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "| eval_loss |" in card and "optimizer steps | 4" in card  # metrics and steps from trainer_state.json
@@ -109,12 +113,14 @@ def test_a_trainer_checkpoint_exports_to_the_model_the_trainer_saves(tmp_path, m
 
 def test_a_checkpoint_mid_transition_warns_and_exports_the_compressed_model(tmp_path):
     model = training_state("bert", VConConfig(method="binary", transition_steps=100), tmp_path / "ckpt", step=5)
-    (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps({"global_step": 5, "max_steps": 8, "log_history": []}))
+    state = {"global_step": 5, "max_steps": 8, "log_history": []}
+    (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps(state))
     with pytest.warns(VConWarning, match="while β = 0.95 > 0"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
     assert get_beta(load_training_checkpoint(tmp_path / "ckpt")) == pytest.approx(0.95)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(logits(reloaded, "bert"), logits(merge_and_unload(model).eval(), "bert"), atol=1e-5, rtol=0)
+    expected = logits(merge_and_unload(model).eval(), "bert")
+    torch.testing.assert_close(logits(reloaded, "bert"), expected, atol=1e-5, rtol=0)
 
 
 def test_missing_or_extra_vcon_tensors_raise(tmp_path):
@@ -129,7 +135,8 @@ def test_missing_or_extra_vcon_tensors_raise(tmp_path):
 
     weights["bert.encoder.layer.0.attention.self.query.vcon_C"] = torch.zeros(4, 32)
     save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(IncompatibleCheckpointError, match=r"0 missing .*1 unexpected \(e.g. \['bert.encoder.layer.0.attention"):
+    extra = r"0 missing .*1 unexpected \(e.g. \['bert.encoder.layer.0.attention"
+    with pytest.raises(IncompatibleCheckpointError, match=extra):
         load_training_checkpoint(tmp_path / "ckpt")
 
 

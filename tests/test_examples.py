@@ -261,7 +261,8 @@ def test_glue_resume_from_checkpoint_wins_and_is_checked(tiny_text_model, csv_fi
 
     for extra, flag, words in (
         (["--resume_from_checkpoint", str(tmp_path / "does-not-exist")], "--resume_from_checkpoint", "does not exist"),
-        (["--resume_from_checkpoint", checkpoint, "--vcon_sparsity", "0.75"], "--vcon_sparsity", "sparsity: checkpoint 0.5 vs now 0.75"),
+        (["--resume_from_checkpoint", checkpoint, "--vcon_sparsity", "0.75"], "--vcon_sparsity",
+         "sparsity: checkpoint 0.5 vs now 0.75"),
         (["--resume_from_checkpoint", checkpoint, "--vcon_method", "none"], "--vcon_method", "is of a VCON run"),
         (["--resume_from_checkpoint", checkpoint, "--vcon_compare"], "--resume_from_checkpoint", "--vcon_compare"),
     ):
@@ -295,8 +296,8 @@ def wide_text_model(tmp_path_factory) -> str:
         (["--vcon_exclude_modules", "pooler"], "--vcon_exclude_modules", "'pooler.dense'"),
         (["--vcon_module_overrides", '{"qurey": {"sparsity": 0.5}}'], "--vcon_module_overrides", "matches none"),
     ],
-    ids=["rank-that-does-not-compress", "rank-too-large", "no-target", "n-m-does-not-divide", "exclude-matches-no-linear",
-         "override-matches-nothing"],
+    ids=["rank-that-does-not-compress", "rank-too-large", "no-target", "n-m-does-not-divide",
+         "exclude-matches-no-linear", "override-matches-nothing"],
 )
 def test_glue_script_checks_the_compression_against_the_layers_first(wide_text_model, csv_files, tmp_path, capsys,
                                                                     argv, flag, words):

@@ -7,13 +7,12 @@ import re
 import warnings
 
 import pytest
-import torch
 import yaml
 from transformers import Trainer, TrainerCallback
 
-from conftest import TinyTextDataset, build, tiny_bert
-from hf_vcon import VConCallback, VConConfig, VConTrainer, VConWarning, apply_vcon, beta_at
-from test_trainer import make_trainer, training_args
+from conftest import build, tiny_bert
+from hf_vcon import VConConfig, VConTrainer, VConWarning, apply_vcon, beta_at
+from test_trainer import make_trainer
 
 
 class Recorder(TrainerCallback):
@@ -137,7 +136,8 @@ def test_a_transition_longer_than_the_run_warns_before_training_and_reports_one_
     assert seen_at_first_step == [1] and "ends at optimizer step 100" in messages[0]
     assert "training stops with β = 0.96 at the last step" in messages[0]
     assert "while β = 0.96 > 0" in messages[1]  # the save warning says the same β
-    assert [entry["vcon/beta"] for entry in trainer.state.log_history if "vcon/beta" in entry][-2:] == [pytest.approx(0.96)] * 2
+    logged = [entry["vcon/beta"] for entry in trainer.state.log_history if "vcon/beta" in entry]
+    assert logged[-2:] == [pytest.approx(0.96)] * 2
     card = (tmp_path / "README.md").read_text()
     assert "training stopped at step 4, before the transition's end (step 100)" in card
 
@@ -171,7 +171,8 @@ def test_card_takes_the_trainer_fields_budget_usage_and_comparison(tmp_path):
     assert "from transformers import AutoModelForSequenceClassification" in body
     assert "| base model | google-bert/bert-base-uncased |" in body
     assert "| dataset | GLUE SST2 (sst2) |" in body and "| optimizer steps | 8 (" in body
-    assert "| batch | 8 (4 per device × 2 accumulation × 1 processes) |" in body
+    assert "| batch | 8 (4 per device × 2 accumulation × 1 process) |" in body
+    assert re.search(r"\| learning rate \| 0.001, linear schedule, adamw_torch\w* optimizer \|", body)
     assert "## Comparison" in body and comparison in body
     metric_rows = re.findall(r"^\| (eval_\w+) \|", body, flags=re.MULTILINE)
     assert metric_rows == ["eval_loss"]  # the compressed model's, under its plain name; no runtime rows

@@ -150,8 +150,11 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     builder = "csv" if data_args.train_file.endswith(".csv") else "json"
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     # Each file on its own: a test file without a label column stays without one (unlabelled test data is usual).
-    return DatasetDict({split: load_or_fail(FILE_FLAGS[split], path, lambda path=path: load_dataset(
-        builder, data_files={split: path}, cache_dir=model_args.cache_dir)[split]) for split, path in files.items() if path})
+    def load(split, path):
+        return load_dataset(builder, data_files={split: path}, cache_dir=model_args.cache_dir)[split]
+
+    return DatasetDict({split: load_or_fail(FILE_FLAGS[split], path, lambda split=split, path=path: load(split, path))
+                        for split, path in files.items() if path})
 
 
 @dataclass
@@ -175,8 +178,8 @@ def rename_label_column(raw_datasets, data_args: DataTrainingArguments):
     """
     label, columns = data_args.label_column_name, raw_datasets["train"].column_names
     if label not in columns:
-        raise UsageError(f"argument --label_column_name: column {label!r} is not in the data of {data_source(data_args)[0]}; "
-                         f"its columns are {', '.join(columns)}.")
+        raise UsageError(f"argument --label_column_name: column {label!r} is not in the data of "
+                         f"{data_source(data_args)[0]}; its columns are {', '.join(columns)}.")
     if label == "label":
         return raw_datasets
     return DatasetDict({split: dataset.rename_column(label, "label") if label in dataset.column_names else dataset
@@ -196,8 +199,8 @@ def label_space(raw_datasets, data_args: DataTrainingArguments) -> Labels:
         unknown = set(dataset.unique("label")) - set(names) - {None} if "label" in dataset.column_names else set()
         if unknown:
             flag, source = data_source(data_args, split)
-            raise UsageError(f"argument {flag}: {source!r} has labels that the training data lacks ({sorted(unknown)[:5]}); "
-                             f"the training labels are {names[:10]}.")
+            raise UsageError(f"argument {flag}: {source!r} has labels that the training data lacks "
+                             f"({sorted(unknown)[:5]}); the training labels are {names[:10]}.")
     return Labels(False, names, {value: i for i, value in enumerate(names)})
 
 
@@ -258,7 +261,8 @@ def tokenize(raw_datasets, tokenizer, data_args: DataTrainingArguments, training
         texts = (examples[first],) if second is None else (examples[first], examples[second])
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
         if labels.to_id is not None and "label" in examples:
-            result["label"] = [-1 if value is None else labels.to_id[value] for value in examples["label"]]  # -1: unlabelled
+            # -1: an unlabelled row (a test file without labels)
+            result["label"] = [-1 if value is None else labels.to_id[value] for value in examples["label"]]
         return result
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
@@ -347,7 +351,8 @@ def make_task(datasets, tokenizer, model_args, data_args, training_args, labels:
                             processing_class=tokenizer),
         card_kwargs=card_fields(model_args, data_args),
         metric_key=HEADLINE_METRIC.get(data_args.task_name, "mse" if labels.is_regression else "accuracy"),
-        description=f"{model_args.model_name_or_path} on {data_args.task_name or data_args.dataset_name or data_args.train_file}",
+        description=f"{model_args.model_name_or_path} on "
+                    f"{data_args.task_name or data_args.dataset_name or data_args.train_file}",
         auto_class="AutoModelForSequenceClassification",
         predict=predictor(datasets, data_args, training_args, labels),
     )

@@ -22,7 +22,8 @@ from .flags import UsageError, VConCommonArguments, flags_named
 
 logger = logging.getLogger("vcon_examples")
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vcon_config.json")
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "vcon_config.json")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -39,8 +40,8 @@ def _refuse_a_saved_model(out: str) -> None:
 def _given_checkpoint(path: str, compare: bool) -> str:
     """``--resume_from_checkpoint``, checked: it wins over any checkpoint in ``--output_dir``."""
     if compare:
-        raise UsageError("argument --resume_from_checkpoint: a --vcon_compare run trains its three arms from the start; "
-                         "resume a single arm instead (run without --vcon_compare).")
+        raise UsageError("argument --resume_from_checkpoint: a --vcon_compare run trains its three arms from the "
+                         "start; resume a single arm instead (run without --vcon_compare).")
     if not os.path.isdir(path):
         raise UsageError(f"argument --resume_from_checkpoint: {path!r} does not exist; give a checkpoint-N folder of "
                          "an earlier run.")
@@ -133,8 +134,8 @@ def check_hub(training_args: TrainingArguments) -> None:
 
     repo = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
     try:
-        HfApi().create_repo(repo, token=training_args.hub_token, private=getattr(training_args, "hub_private_repo", None),
-                            exist_ok=True)
+        HfApi().create_repo(repo, token=training_args.hub_token, exist_ok=True,
+                            private=getattr(training_args, "hub_private_repo", None))
     except Exception as error:  # OfflineModeIsEnabled, HTTP and connection errors all mean the push would fail
         raise UsageError(
             f"argument --push_to_hub: the Hub repo {repo!r} cannot be created or reached ({type(error).__name__}: "

@@ -135,7 +135,8 @@ class VConCommonArguments:
         try:
             return VConConfig(**fields, **options)
         except (TypeError, ValueError) as error:
-            raise UsageError(f"argument {flags_named(str(error), [*fields, *options])}: {_with_none(str(error))}") from None
+            flag = flags_named(str(error), [*fields, *options])
+            raise UsageError(f"argument {flag}: {_with_none(str(error))}") from None
 
 
     def flag_for(self, message: str) -> str:

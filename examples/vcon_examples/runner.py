@@ -27,7 +27,8 @@ CHECKPOINT_FLAGS = frozenset({"save_strategy", "save_steps", "save_total_limit",
 
 
 def setup_logging(training_args: TrainingArguments, *loggers: logging.Logger) -> None:
-    """Log to stdout at the process's level (warnings on the main process, errors elsewhere), as transformers' scripts."""
+    """Log to stdout at the process's level (warnings on the main process, errors elsewhere), as transformers'
+    scripts do."""
     import sys
 
     import transformers
@@ -169,7 +170,8 @@ def planned_steps(trainer: Trainer) -> int:
     if args.max_steps > 0:
         return args.max_steps
     batches = len(trainer.get_train_dataloader())
-    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
 
 

@@ -200,8 +200,9 @@ def pretrained_model(model_args: ModelArguments, data_args: DataTrainingArgument
     config = load_or_fail("--model_name_or_path", path, lambda: AutoConfig.from_pretrained(
         model_args.config_name or path, num_labels=len(labels), label2id=label2id, id2label=id2label,
         finetuning_task="image-classification", **hub))
-    image_processor = load_or_fail("--image_processor_name", model_args.image_processor_name or path,
-                                   lambda: AutoImageProcessor.from_pretrained(model_args.image_processor_name or path, **hub))
+    processor_name = model_args.image_processor_name or path
+    image_processor = load_or_fail("--image_processor_name", processor_name,
+                                   lambda: AutoImageProcessor.from_pretrained(processor_name, **hub))
 
     def build_model():
         return AutoModelForImageClassification.from_pretrained(
@@ -226,7 +227,8 @@ def model_from_config(model_args: ModelArguments, data_args: DataTrainingArgumen
                                        lambda: AutoImageProcessor.from_pretrained(model_args.image_processor_name))
     else:
         size = getattr(config, "image_size", 224)
-        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
 
     def build_model():
         return AutoModelForImageClassification.from_config(config)
