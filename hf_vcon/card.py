@@ -166,6 +166,16 @@ def _evaluation_lines(metrics: Optional[dict], details: CardDetails) -> list[str
     return lines
 
 
+def _training_lines(details: CardDetails) -> list[str]:
+    training = dict(details.training)
+    if details.dataset or details.dataset_tags:
+        configurations = f" ({', '.join(details.dataset_args)})" if details.dataset_args else ""
+        training = {"dataset": ", ".join(details.dataset or details.dataset_tags) + configurations, **training}
+    if not training:
+        return []
+    return ["", "## Training", "", "| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in training.items()]]
+
+
 def _card_data(base_model: Optional[str], tags: list[str], model_name: Optional[str], details: CardDetails):
     from huggingface_hub import ModelCardData
 
@@ -230,13 +240,7 @@ def model_card(
         "",
         summary.table(),
     ]
-    training = dict(details.training)
-    if details.dataset or details.dataset_tags:
-        configurations = f" ({', '.join(details.dataset_args)})" if details.dataset_args else ""
-        training = {"dataset": ", ".join(details.dataset or details.dataset_tags) + configurations, **training}
-    if training:
-        lines += ["", "## Training", "", "| | |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in training.items()]
+    lines += _training_lines(details)
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:
         lines += ["", "## Comparison", "", details.comparison]

@@ -371,7 +371,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     check_data(raw_datasets, data_args, keys)
     labels = label_space(raw_datasets, data_args)
     config, tokenizer, hub = load_config_and_tokenizer(model_args, data_args, labels)
-    check_vcon_fits(lambda: AutoModelForSequenceClassification.from_config(config), vcon_config, vcon_args)
+    check_vcon_fits(lambda: AutoModelForSequenceClassification.from_config(
+        config, trust_remote_code=model_args.trust_remote_code), vcon_config, vcon_args)
 
     def build_model():
         return AutoModelForSequenceClassification.from_pretrained(

@@ -156,8 +156,13 @@ def check_vcon_fits(build_skeleton: Callable[[], torch.nn.Module], config: Optio
     """
     if config is None:
         return
-    with torch.device("meta"):
-        skeleton = build_skeleton()
+    try:
+        with torch.device("meta"):
+            skeleton = build_skeleton()
+    except Exception as error:  # a model that cannot be built without weights: VConTrainer checks it when built
+        logger.warning(f"Could not build the model's skeleton to check the --vcon_* flags early ({error}); they are "
+                       "checked when the model is loaded.")
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", VConWarning)
         try:

@@ -309,7 +309,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     label = data_args.label_column_name
     build = pretrained_model if model_args.model_name_or_path else model_from_config
     config, image_processor, build_model, description = build(model_args, data_args, dataset, label)
-    check_vcon_fits(lambda: AutoModelForImageClassification.from_config(config), vcon_config, vcon_args)
+    check_vcon_fits(lambda: AutoModelForImageClassification.from_config(
+        config, trust_remote_code=model_args.trust_remote_code), vcon_config, vcon_args)
     dataset = prepare_images(dataset, data_args, image_processor, label)
     task = make_task(dataset, model_args, data_args, training_args, image_processor, build_model, description)
     return run(task, training_args, vcon_args, checkpoint, given)
