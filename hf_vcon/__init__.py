@@ -45,9 +45,10 @@ from .export import merged_state_dict, save_merged
 from .card import model_card
 from .compact import save_compressed
 from .compact_load import load_compressed
+from .checkpoint_export import export_checkpoint, load_training_checkpoint
 
 # Errors
-from .errors import IncompatibleCheckpointError, NoTargetModulesError, VConError, VConWarning
+from .errors import IncompatibleCheckpointError, NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning
 
 __all__ = [
     "__version__",
@@ -82,8 +83,11 @@ __all__ = [
     "model_card",
     "save_compressed",
     "load_compressed",
+    "export_checkpoint",
+    "load_training_checkpoint",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
+    "UnsupportedLayerError",
     "VConError",
     "VConWarning",
 ]

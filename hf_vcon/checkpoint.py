@@ -37,7 +37,8 @@ def _flat(config: VConConfig) -> dict:
     return data
 
 
-def _config_differences(saved: VConConfig, current: VConConfig) -> list[str]:
+def config_differences(saved: VConConfig, current: VConConfig) -> list[str]:
+    """``"<field>: checkpoint <saved> vs now <current>"`` for every field or option that differs (versions aside)."""
     saved_fields, current_fields = _flat(saved), _flat(current)
     return [
         f"{key}: checkpoint {saved_fields.get(key)!r} vs now {current_fields[key]!r}"
@@ -75,7 +76,7 @@ def verify_checkpoint(checkpoint_dir: str, model: nn.Module) -> None:
             f"{checkpoint_dir!r} has no {CONFIG_NAME}: it was not written by a VCON training run, and loading it would "
             "leave the VCON layers at their current weights. Resume from a checkpoint of a VConTrainer run."
         )
-    differences = _config_differences(VConConfig.from_pretrained(checkpoint_dir), state.config)
+    differences = config_differences(VConConfig.from_pretrained(checkpoint_dir), state.config)
     if differences:
         raise IncompatibleCheckpointError(
             f"The checkpoint {checkpoint_dir!r} was trained with another VCON configuration ({'; '.join(differences)}). "

@@ -13,6 +13,11 @@ class NoTargetModulesError(VConError, ValueError):
     """``target_modules`` matched no Linear/Conv1D module of the model."""
 
 
+class UnsupportedLayerError(VConError, ValueError):
+    """A layer's shape cannot take a compression at all (an N:M pattern that does not divide its inputs, a layer too
+    small to factorise): ``"all-linear"`` leaves such a layer dense, with a warning; a layer named explicitly raises."""
+
+
 class IncompatibleCheckpointError(VConError, ValueError):
     """A checkpoint's VCON tensors or files do not match the configuration they are loaded with."""
 

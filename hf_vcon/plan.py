@@ -3,15 +3,16 @@ module is replaced (a failure never leaves a half-patched model)."""
 
 from __future__ import annotations
 
+import difflib
 import warnings
 
 from torch import nn
 
 from .config import VConConfig
-from .errors import NoTargetModulesError, VConWarning
+from .errors import NoTargetModulesError, UnsupportedLayerError, VConWarning
 from .linears import LINEAR_TYPES
 from .state import Plan
-from .targets import ALL_LINEAR, find_targets, matches_pattern
+from .targets import ALL_LINEAR, candidate_targets, find_targets, matches, matches_pattern
 from .units import unit_shape
 
 MAX_NAMES_SHOWN = 10
@@ -28,6 +29,7 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
     Raises:
         NoTargetModulesError: if there are none, listing some Linear names of the model.
     """
+    warn_unmatched_excludes(model, config.exclude_modules)
     names = find_targets(model, config.target_modules, config.exclude_modules)
     if not names:
         linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
@@ -39,17 +41,62 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
     return names
 
 
+def _close_linear_names(entry: str, linear_names: list[str]) -> list[str]:
+    """Dotted suffixes of Linear names that ``entry`` may have meant: those under a module ``entry`` names, else the
+    closest spellings."""
+    suffixes = sorted({".".join(name.split(".")[i:]) for name in linear_names for i in range(len(name.split(".")))},
+                      key=lambda suffix: (suffix.count("."), suffix))
+    under = [suffix for suffix in suffixes if entry in suffix.split(".")[:-1]]
+    return under[:3] or difflib.get_close_matches(entry, suffixes, n=3)
+
+
+def warn_unmatched_excludes(model: nn.Module, exclude_modules) -> list[str]:
+    """Warn for each ``exclude_modules`` entry (or the regex) that names no Linear/Conv1D module; return them.
+
+    Such an entry excludes nothing. The warning says which module it does name, if any (an exclusion names the
+    Linear layers themselves, as in PEFT: ``pooler`` names BERT's pooler, not its Linear ``pooler.dense``), and
+    the closest Linear names.
+    """
+    if not exclude_modules:
+        return []
+    entries = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+    all_names = [name for name, _ in model.named_modules() if name]
+    candidates = candidate_targets(model)
+    linear_names = [name for name, _ in candidates]
+
+    def grammar(entry):  # one list entry on its own, or the regex
+        return entry if isinstance(exclude_modules, str) else [entry]
+
+    unmatched = [entry for entry in entries
+                 if not any(matches(name, grammar(entry)) or (owner != name and matches(owner, grammar(entry)))
+                            for name, owner in candidates)]
+    for entry in unmatched:
+        named = [name for name in all_names if matches(name, grammar(entry))]
+        what = (f"it names {shown(named)}, not a Linear/Conv1D layer (an exclusion names the layers themselves)"
+                if named else "it names no module of this model")
+        close = _close_linear_names(entry, linear_names)
+        warnings.warn(
+            f"exclude_modules entry {entry!r} excludes nothing: {what}. "
+            + (f"Did you mean {', '.join(repr(name) for name in close)}?" if close else
+               f"Some Linear module names: {shown(linear_names)}."),
+            VConWarning,
+            stacklevel=5,  # apply_vcon's caller
+        )
+    return unmatched
+
+
 def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
     """The setting and compressor of every module in ``names`` (one compressor per distinct setting).
 
-    With ``target_modules="all-linear"``, a layer that its compression cannot take (an N:M pattern that does not
-    divide its inputs, a low-rank factorisation that would not be smaller) stays dense, with a warning naming it;
-    a layer targeted by name raises instead.
+    With ``target_modules="all-linear"``, a layer whose shape cannot take its compression at all
+    (:class:`~hf_vcon.errors.UnsupportedLayerError`: an N:M pattern that does not divide its inputs, a layer too
+    small to factorise) stays dense, with a warning naming it; a layer targeted by name raises instead, and so does
+    a setting that does not fit a layer (a rank too large for it).
 
     Raises:
         ValueError: if a ``module_overrides`` pattern matches none of ``names``, or a layer targeted by name cannot
             take its compression (the compressor's ``check_layer`` names it).
-        NoTargetModulesError: if every layer "all-linear" found is left dense.
+        UnsupportedLayerError: if no layer "all-linear" found can take its compression.
     """
     for pattern, _ in config.override_settings:
         if not any(matches_pattern(name, pattern) for name in names):
@@ -63,7 +110,7 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
     for name, setting in zip(names, settings):
         try:
             by_setting[setting].check_layer(name, *unit_shape(model, name))
-        except ValueError as error:
+        except UnsupportedLayerError as error:
             if config.target_modules != ALL_LINEAR:
                 raise
             skipped.append((name, str(error)))
@@ -79,7 +126,7 @@ def _warn_skipped(skipped: list[tuple[str, str]], kept: list) -> None:
         return
     reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
     if not kept:
-        raise NoTargetModulesError(f"target_modules='all-linear' found no layer its compression can take: {reasons}")
+        raise UnsupportedLayerError(f"{skipped[0][1]} No layer that target_modules='all-linear' found can take it.")
     warnings.warn(
         f"target_modules='all-linear': {len(skipped)} layer(s) cannot take their compression and stay dense "
         f"({reasons}{' …' if len(skipped) > 3 else ''}).",

@@ -22,8 +22,9 @@ from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
-from .exporter import export_run, write_card, write_checkpoint_config
+from .exporter import card_details, export_run, write_card, write_checkpoint_config
 from .model import apply_vcon, compressed_view, get_beta, release_dense_paths, set_step
+from .reporting import compressed_metric_name, is_compressed_metric, is_training_log, warn_if_transition_outlasts_run
 from .state import get_vcon_state, unwrap_model
 from .summary import VConSummary, vcon_summary
 
@@ -34,8 +35,15 @@ class VConCallback(TrainerCallback):
     Pass it at construction, ``Trainer(..., callbacks=[VConCallback(config)])``: the model is patched at the end of
     ``Trainer.__init__`` (before the optimizer exists, so low-rank factors are optimised). β is set at the start of
     every optimizer step, a float ``transition_steps`` is resolved against ``state.max_steps`` when training
-    starts, and ``vcon/beta`` plus the compression metrics (``vcon/sparsity``, ``vcon/rank``, ``vcon/bits``,
-    ``vcon/size_ratio``) are added to the Trainer's logs.
+    starts (with a warning if the transition would end after the run's last step), and after every optimizer step
+    the model is put at its new step, so that the logs, evaluations and checkpoints of step N all see the model of
+    step N. ``vcon/beta`` plus the compression metrics (``vcon/sparsity``, ``vcon/rank``, ``vcon/bits``,
+    ``vcon/size_ratio``) are added to the Trainer's training logs (not to evaluation entries, whose model may be
+    the compressed one).
+
+    Evaluation in a plain Trainer reports the model being trained: while 0 < β, the blended model. Use
+    :class:`VConTrainer` to also report the compressed model (``eval_compressed_*``) and to pick the best
+    checkpoint by it.
 
     It saves as :class:`VConTrainer` does (:mod:`hf_vcon.exporter`): every ``checkpoint-N`` folder gets
     ``vcon_config.json``, and when ``train()`` ends the merged compressed model, its configs, processing class and
@@ -60,6 +68,7 @@ class VConCallback(TrainerCallback):
         self._summary_version: Optional[int] = None
         self._released = False
         self._last_step: Optional[int] = None
+        self.evaluates_compressed = False  # VConTrainer reports eval_compressed_* and compares checkpoints by them
 
     # ------------------------------------------------------------------------------------------ setup
     def attach(self, model: nn.Module) -> nn.Module:
@@ -110,6 +119,16 @@ class VConCallback(TrainerCallback):
         self._last_step = None
         self._released = False
         self.update(state.global_step, state.max_steps)
+        if state.global_step < state.max_steps:
+            warn_if_transition_outlasts_run(self.vcon_config, state.max_steps, stacklevel=4)
+        if args.load_best_model_at_end and not self.evaluates_compressed and self.vcon_config.transition_steps:
+            warnings.warn(
+                "load_best_model_at_end with VConCallback compares checkpoints by the model being trained, the blended "
+                "one while 0 < β, but saves the compressed model; use VConTrainer, which compares them by the "
+                "compressed model's metrics (eval_compressed_*).",
+                VConWarning,
+                stacklevel=4,
+            )
 
     # ------------------------------------------------------------------------------------------- β
     def update(self, step: int, max_steps: Optional[int]) -> float:
@@ -125,6 +144,10 @@ class VConCallback(TrainerCallback):
             # Low-rank layers now compute only B(Ax): stop updating their dense W and drop its optimizer state.
             release_dense_paths(self.model, optimizer)
             self._released = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # global_step has just grown: the logs, evaluation and checkpoint of this step see the model of this step.
+        self.update(state.global_step, state.max_steps)
 
     # ----------------------------------------------------------------------------------------- saving
     def on_save(self, args, state, control, **kwargs):
@@ -158,7 +181,7 @@ class VConCallback(TrainerCallback):
         return {"vcon/beta": get_beta(self.model), **metrics, "vcon/size_ratio": self.summary.size_ratio}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.model is None or get_vcon_state(self.model) is None:
+        if logs is None or self.model is None or get_vcon_state(self.model) is None or not is_training_log(logs):
             return
         values = self.log_values()
         logs.update(values)
@@ -175,12 +198,18 @@ class VConTrainer(Trainer):
     Args:
         vcon_config: the :class:`~hf_vcon.VConConfig`; the model is patched here unless it already was (then
             ``vcon_config`` may be omitted). A bad config raises here, before any training step.
-        evaluate_compressed: while 0 < β, ``evaluate()`` also reports the compressed model (β = 0 for that
-            evaluation only) under ``<prefix>_compressed_*``.
+        evaluate_compressed: every ``evaluate()`` also reports the compressed model, the one ``save_model()``
+            writes, under ``<prefix>_compressed_*`` (while 0 < β it is evaluated at β = 0 for that evaluation only;
+            at β = 0 it is the model evaluated, and its metrics are repeated under those names). Both sets are in
+            the one log entry and the one ``on_evaluate`` call of each evaluation. ``metric_for_best_model`` then
+            names the compressed model's metric (``"loss"`` is read as ``"eval_compressed_loss"``, ``"accuracy"``
+            as ``"eval_compressed_accuracy"``), so that ``load_best_model_at_end``, ``save_strategy="best"`` and
+            early stopping compare checkpoints by the model that is saved.
 
     ``train()`` sets β from ``state.global_step`` in ``training_step``; ``save_model()`` writes the merged
     compressed model (plain ``from_pretrained`` loads it) with ``vcon_config.json`` and a model card, while the
-    periodic ``checkpoint-N`` folders keep the VCON layers for ``train(resume_from_checkpoint=...)``.
+    periodic ``checkpoint-N`` folders keep the VCON layers for ``train(resume_from_checkpoint=...)``
+    (:func:`hf_vcon.export_checkpoint` turns one into the merged model).
 
     Example:
         ```python
@@ -198,12 +227,15 @@ class VConTrainer(Trainer):
         self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False)  # save_model() exports
         self.vcon_callback.attach(model)
         self.evaluate_compressed = evaluate_compressed
+        self.vcon_callback.evaluates_compressed = evaluate_compressed
         self._sharding_checked = False
+        self._evaluating = False
         super().__init__(*args, **kwargs)
         self._prepare_distribution()
         # First in line, so the vcon/* values it adds to the logs reach every reporting callback.
         self.callback_handler.callbacks.insert(0, self.vcon_callback)
         self._keep_checkpoints_off_the_hub()
+        self._compare_checkpoints_by_the_compressed_model()
 
     @property
     def vcon_config(self) -> VConConfig:
@@ -226,6 +258,15 @@ class VConTrainer(Trainer):
             )
             self.args.hub_strategy = "end"
 
+    def _compare_checkpoints_by_the_compressed_model(self) -> None:
+        """Point ``metric_for_best_model`` at the compressed model's metric (the saved model's), like with like."""
+        metric = self.args.metric_for_best_model
+        if not metric or not self.evaluate_compressed or is_compressed_metric(metric):
+            return
+        names = tuple(self.eval_dataset) if isinstance(self.eval_dataset, dict) else ()
+        # greater_is_better was derived from the name TrainingArguments was given; the new name keeps its meaning.
+        self.args.metric_for_best_model = compressed_metric_name(metric, names)
+
     # ------------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
         checkpoint = resume_from_checkpoint
@@ -243,11 +284,29 @@ class VConTrainer(Trainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs: Any):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
-        if self.evaluate_compressed and get_beta(self.model) > 0:
+        """``Trainer.evaluate``, plus the compressed model's metrics under ``<prefix>_compressed_*``."""
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        finally:
+            self._evaluating = evaluating
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval", *args: Any, **kwargs: Any):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix,
+                                         *args, **kwargs)
+        if not (self._evaluating and self.evaluate_compressed):  # predict() reports the model as it is
+            return output
+        prefix = f"{metric_key_prefix}_"
+        if get_beta(self.model) > 0:
             with compressed_view(self.model):
-                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_compressed", **kwargs))
-        return metrics
+                compressed = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                     f"{prefix}compressed", *args, **kwargs).metrics
+        else:  # the model evaluated is the compressed one
+            compressed = {f"{prefix}compressed_{key[len(prefix):]}": value for key, value in output.metrics.items()
+                          if key.startswith(prefix)}
+        output.metrics.update(compressed)
+        return output
 
     # --------------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -302,13 +361,26 @@ class VConTrainer(Trainer):
                 ) from error
         return None
 
-    def create_model_card(self, model_name: Optional[str] = None, tags=None, **kwargs: Any) -> None:
-        """Write the VCON model card (method, setting, Q, sizes, metrics, versions) to ``args.output_dir``."""
+    def create_model_card(self, model_name: Optional[str] = None, tags=None, comparison: Optional[str] = None,
+                          **card_fields: Any) -> None:
+        """Write the VCON model card to ``args.output_dir``: how to load it, method, setting, Q, sizes, the training
+        budget, the saved model's metrics, versions.
+
+        Args:
+            model_name: the card's title (default: the folder's name).
+            tags: more tags.
+            comparison: a Markdown table of other arms trained alongside (dense, post-shot), shown as is.
+            card_fields: ``Trainer.create_model_card``'s ``language``, ``license``, ``finetuned_from``, ``tasks``,
+                ``dataset_tags``, ``dataset`` and ``dataset_args``; they become the card's metadata
+                (``base_model``, ``pipeline_tag``, ``datasets``…).
+        """
         if not self.is_world_process_zero():
             return
         summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
+        repo_id = getattr(self, "hub_model_id", None) if self.args.push_to_hub else None
+        details = card_details(self.state, self.args, repo_id=repo_id, comparison=comparison, **card_fields)
         write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
-                   tags=[tags] if isinstance(tags, str) else tags)
+                   tags=[tags] if isinstance(tags, str) else tags, details=details)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
         """Upload the merged compressed model folder (not the training checkpoints) with its model card."""

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from test_trainer import fake_hub  # noqa: F401  (a fixture)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(REPO, "examples", "glue", "run_glue_vcon.py")
 VISION = os.path.join(REPO, "examples", "vision", "run_image_classification_vcon.py")
@@ -235,3 +237,149 @@ def test_scripts_never_overwrite_a_saved_model(script, tmp_path, capsys):
     error = expect_usage_error(script, argv, "--output_dir", capsys)
     assert "--overwrite_output_dir" in error
     assert (out / "config.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------------ resume (issue: flag wins)
+def test_glue_resume_from_checkpoint_wins_and_is_checked(tiny_text_model, csv_files, tmp_path, capsys):
+    glue = load_script(GLUE)
+    first = str(tmp_path / "first")
+    glue.main(glue_args(tiny_text_model, csv_files, first, "--vcon_sparsity", "0.5", "--vcon_transition_steps", "3",
+                        "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"))
+    checkpoint = os.path.join(first, "checkpoint-2")
+    assert os.path.isfile(os.path.join(checkpoint, "vcon_config.json"))
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"))
+    state["log_history"].insert(0, {"step": 0, "marker": 1.0})  # only a run resumed from it carries this entry
+    with open(os.path.join(checkpoint, "trainer_state.json"), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+
+    resumed = str(tmp_path / "resumed")  # another folder: only the flag can point at the checkpoint
+    glue.main(glue_args(tiny_text_model, csv_files, resumed, "--vcon_sparsity", "0.5", "--vcon_transition_steps", "3",
+                        "--logging_steps", "1", "--resume_from_checkpoint", checkpoint))
+    history = read_json(os.path.join(resumed, "trainer_state.json"))["log_history"]
+    assert history[0] == {"step": 0, "marker": 1.0}  # continued from the checkpoint, not trained from scratch
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
+
+    for extra, flag, words in (
+        (["--resume_from_checkpoint", str(tmp_path / "does-not-exist")], "--resume_from_checkpoint", "does not exist"),
+        (["--resume_from_checkpoint", checkpoint, "--vcon_sparsity", "0.75"], "--vcon_sparsity",
+         "sparsity: checkpoint 0.5 vs now 0.75"),
+        (["--resume_from_checkpoint", checkpoint, "--vcon_method", "none"], "--vcon_method", "is of a VCON run"),
+        (["--resume_from_checkpoint", checkpoint, "--vcon_compare"], "--resume_from_checkpoint", "--vcon_compare"),
+    ):
+        out = tmp_path / f"bad-{flag.strip('-')}-{len(extra)}"
+        error = expect_usage_error(GLUE, glue_args(tiny_text_model, csv_files, str(out), "--vcon_transition_steps", "3",
+                                                   *extra), flag, capsys)
+        assert words in error, error
+        assert not out.exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------- bad inputs, before the data is tokenized (exit 2)
+@pytest.fixture(scope="module")
+def wide_text_model(tmp_path_factory) -> str:
+    """A BERT config with 384×384 attention layers and a tokenizer, but no weights: a check that needs the weights
+    (or comes after loading them) fails on --model_name_or_path instead of naming the flag at fault."""
+    folder = str(tmp_path_factory.mktemp("wide-bert"))
+    tokenizer = tiny_tokenizer()
+    BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
+               intermediate_size=1536, max_position_embeddings=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, flag, words",
+    [
+        (["--vcon_method", "lowrank", "--vcon_rank", "300"], "--vcon_rank", "at most 191 to compress"),
+        (["--vcon_method", "lowrank", "--vcon_rank", "1000"], "--vcon_rank", "(384, 384)"),
+        (["--vcon_target_modules", "nothing_here"], "--vcon_target_modules", "matched no Linear"),
+        (["--vcon_prune_pattern", "3:7"], "--vcon_prune_pattern", "divisible by 7"),
+        (["--vcon_exclude_modules", "pooler"], "--vcon_exclude_modules", "'pooler.dense'"),
+        (["--vcon_module_overrides", '{"qurey": {"sparsity": 0.5}}'], "--vcon_module_overrides", "matches none"),
+    ],
+    ids=["rank-that-does-not-compress", "rank-too-large", "no-target", "n-m-does-not-divide",
+         "exclude-matches-no-linear", "override-matches-nothing"],
+)
+def test_glue_script_checks_the_compression_against_the_layers_first(wide_text_model, csv_files, tmp_path, capsys,
+                                                                    argv, flag, words):
+    error = expect_usage_error(GLUE, glue_args(wide_text_model, csv_files, str(tmp_path / "o"), *argv), flag, capsys)
+    assert words in error and "Traceback" not in error, error
+
+
+def write_csv(path, header, rows) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_glue_script_names_the_file_row_and_column_of_an_empty_cell(tiny_text_model, csv_files, tmp_path, capsys):
+    rows = [[f"the film was {WORDS[i % 6]}", int(i % 6 < 3)] for i in range(12)]
+    rows[4][0] = ""
+    files = dict(csv_files, train=write_csv(tmp_path / "holes.csv", ["sentence", "label"], rows))
+    error = expect_usage_error(GLUE, glue_args(tiny_text_model, files, str(tmp_path / "o")), "--train_file", capsys)
+    assert "row 5 (line 6) of" in error and "holes.csv" in error and "'sentence'" in error
+
+
+def test_glue_script_predicts_on_an_unlabelled_test_file(tiny_text_model, csv_files, tmp_path):
+    test = write_csv(tmp_path / "unlabelled.csv", ["sentence"], [[f"the film was {word}"] for word in WORDS])
+    out = str(tmp_path / "out")
+    glue = load_script(GLUE)
+    glue.main(glue_args(tiny_text_model, csv_files, out, "--test_file", test, "--do_train", "--do_predict",
+                        "--max_steps", "2"))
+    with open(os.path.join(out, "predict_results_test.txt"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + len(WORDS)
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+
+
+# --------------------------------------------------------------------------------------------- --push_to_hub
+def test_push_to_hub_offline_stops_before_any_arm_trains(tiny_text_model, csv_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "o"
+    error = expect_usage_error(GLUE, glue_args(tiny_text_model, csv_files, str(out), "--vcon_compare", "--push_to_hub",
+                                               "--hub_model_id", "me/tiny-vcon"), "--push_to_hub", capsys)
+    assert "'me/tiny-vcon'" in error and "Traceback" not in error
+    assert not out.exists()  # no dense or post-shot arm ran
+
+
+def test_compare_with_push_to_hub_pushes_only_the_vcon_folder_with_the_table(tiny_text_model, csv_files, tmp_path,
+                                                                            fake_hub):
+    """Also: without a flag asking for checkpoints (here transformers' default save strategy, which saves at the end
+    of every run), the arms of a comparison write none."""
+    uploads, _ = fake_hub
+    out = str(tmp_path / "out")
+    argv = [arg for arg in glue_args(tiny_text_model, csv_files, out) if arg not in ("--save_strategy", "no")]
+    load_script(GLUE).main([*argv, "--vcon_compare", "--push_to_hub", "--hub_model_id", "user/tiny-vcon",
+                            "--vcon_transition_steps", "2"])
+    assert uploads and {upload["folder_path"] for upload in uploads} == {out}  # save_model(), then with the card
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "## Comparison" in card and "| post-shot |" in card and "user/tiny-vcon" in card
+    for folder in (out, os.path.join(out, "dense"), os.path.join(out, "post-shot")):
+        assert not [name for name in os.listdir(folder) if name.startswith("checkpoint-")], folder
+
+
+# ----------------------------------------------------------------------------------- a transition longer than the run
+def test_glue_script_warns_up_front_and_reports_the_saved_model_when_q_outlasts_the_run(tiny_text_model, csv_files,
+                                                                                        tmp_path, recwarn):
+    out = str(tmp_path / "out")
+    metrics = load_script(GLUE).main(glue_args(tiny_text_model, csv_files, out, "--vcon_transition_steps", "100"))
+    assert any("ends at optimizer step 100" in str(warning.message) for warning in recwarn)
+    results = read_json(os.path.join(out, "eval_results.json"))
+    assert {"eval_loss", "eval_accuracy", "eval_blended_loss", "eval_blended_accuracy"} <= set(results)
+    assert metrics["eval_loss"] == results["eval_loss"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()  # the saved model, without hf_vcon
+    tokenizer = tiny_tokenizer()
+    with open(csv_files["validation"], encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    batch = tokenizer([row["sentence"] for row in rows], padding="max_length", max_length=16, truncation=True,
+                      return_tensors="pt")
+    labels = torch.tensor([int(row["label"]) for row in rows])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels).item()
+    assert results["eval_loss"] == pytest.approx(loss, abs=1e-5)  # eval_* is the saved model's
+    assert results["eval_blended_loss"] != pytest.approx(loss, abs=1e-5)
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "training stopped at step 4, before the transition's end (step 100)" in card
+    assert "| eval_runtime |" not in card and "from transformers import AutoModelForSequenceClassification" in card

@@ -22,7 +22,7 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/, for vcon_examples
 
 import numpy as np  # noqa: E402
-import transformers  # noqa: E402
+from datasets import DatasetDict  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -36,12 +36,15 @@ from vcon_examples import (  # noqa: E402
     Task,
     UsageError,
     VConArguments,
-    check_output_dir,
+    check_cells,
+    check_flags,
+    check_vcon_fits,
     load_metric,
     load_or_fail,
     parse_args,
     run,
     run_main,
+    setup_logging,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ task_to_keys = {
 }
 # The metric the comparison table shows, per task (every metric of the task is saved).
 HEADLINE_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
+FILE_FLAGS = {"train": "--train_file", "validation": "--validation_file", "test": "--test_file"}
 
 
 @dataclass
@@ -141,152 +145,243 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     if data_args.dataset_name is not None:
         return load_or_fail("--dataset_name", data_args.dataset_name,
                             lambda: load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub), hint=offline)
-    data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    if data_args.test_file is not None:
-        data_files["test"] = data_args.test_file
-    elif do_predict:
+    if do_predict and data_args.test_file is None:
         raise UsageError("argument --test_file: --do_predict needs a --test_file (or a GLUE --task_name).")
     builder = "csv" if data_args.train_file.endswith(".csv") else "json"
-    return load_or_fail("--train_file", data_args.train_file,
-                        lambda: load_dataset(builder, data_files=data_files, cache_dir=model_args.cache_dir))
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    # Each file on its own: a test file without a label column stays without one (unlabelled test data is usual).
+    def load(split, path):
+        return load_dataset(builder, data_files={split: path}, cache_dir=model_args.cache_dir)[split]
+
+    return DatasetDict({split: load_or_fail(FILE_FLAGS[split], path, lambda split=split, path=path: load(split, path))
+                        for split, path in files.items() if path})
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    model_args, data_args, training_args, vcon_args, overwrite = parse_args(
-        (ModelArguments, DataTrainingArguments, TrainingArguments, VConArguments), argv
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("vcon_examples").setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+@dataclass
+class Labels:
+    """The label space: regression, or the label names and how raw labels map to class ids."""
 
-    # Every bad flag fails here, before any data or model is loaded.
-    data_args.check()
-    vcon_args.to_vcon_config()
-    compare = vcon_args.vcon_compare and vcon_args.vcon_method != "none"
-    checkpoint = check_output_dir(training_args, overwrite, allow_resume=not compare)
+    is_regression: bool
+    names: Optional[list] = None
+    to_id: Optional[dict] = None  # raw label → class id (own data; GLUE's labels are ids already)
 
-    raw_datasets = load_raw_datasets(data_args, model_args, training_args.do_predict)
-    label = data_args.label_column_name
-    columns = raw_datasets["train"].column_names
+    @property
+    def count(self) -> int:
+        return 1 if self.is_regression else len(self.names)
+
+
+def rename_label_column(raw_datasets, data_args: DataTrainingArguments):
+    """The data with its label column named ``label`` (in every split that has one).
+
+    Raises:
+        UsageError: if ``--label_column_name`` is not a column of the training data.
+    """
+    label, columns = data_args.label_column_name, raw_datasets["train"].column_names
     if label not in columns:
-        source = "--train_file" if data_args.train_file else ("--task_name" if data_args.task_name else "--dataset_name")
-        raise UsageError(f"argument --label_column_name: column {label!r} is not in the data of {source}; its columns "
-                         f"are {', '.join(columns)}.")
-    if label != "label":
-        raw_datasets = raw_datasets.rename_column(label, "label")
+        raise UsageError(f"argument --label_column_name: column {label!r} is not in the data of "
+                         f"{data_source(data_args)[0]}; its columns are {', '.join(columns)}.")
+    if label == "label":
+        return raw_datasets
+    return DatasetDict({split: dataset.rename_column(label, "label") if label in dataset.column_names else dataset
+                        for split, dataset in raw_datasets.items()})
 
+
+def label_space(raw_datasets, data_args: DataTrainingArguments) -> Labels:
+    """Regression or classification, and the class names, from the training split."""
+    train = raw_datasets["train"]
     if data_args.task_name is not None:
-        is_regression = data_args.task_name == "stsb"
-        label_list = None if is_regression else raw_datasets["train"].features["label"].names
-    else:
-        is_regression = raw_datasets["train"].features["label"].dtype in ("float32", "float64")
-        label_list = None if is_regression else sorted(raw_datasets["train"].unique("label"))
-    num_labels = 1 if is_regression else len(label_list)
+        regression = data_args.task_name == "stsb"
+        return Labels(regression, None if regression else train.features["label"].names)
+    if train.features["label"].dtype in ("float32", "float64"):
+        return Labels(True)
+    names = sorted(train.unique("label"))
+    for split, dataset in raw_datasets.items():
+        unknown = set(dataset.unique("label")) - set(names) - {None} if "label" in dataset.column_names else set()
+        if unknown:
+            flag, source = data_source(data_args, split)
+            raise UsageError(f"argument {flag}: {source!r} has labels that the training data lacks "
+                             f"({sorted(unknown)[:5]}); the training labels are {names[:10]}.")
+    return Labels(False, names, {value: i for i, value in enumerate(names)})
 
+
+def data_source(data_args: DataTrainingArguments, split: str = "train") -> tuple[str, str]:
+    """The flag that named a split's data and its file or dataset name, for messages."""
+    if data_args.task_name is not None:
+        return "--task_name", data_args.task_name
+    if data_args.dataset_name is not None:
+        return "--dataset_name", data_args.dataset_name
+    flag = FILE_FLAGS.get(split, "--train_file")
+    return flag, getattr(data_args, flag[2:])
+
+
+def text_keys(raw_datasets, task_name: Optional[str]) -> tuple[str, Optional[str]]:
+    """The one or two text columns: the GLUE task's, else sentence1/sentence2, else the first two non-label columns."""
+    if task_name is not None:
+        return task_to_keys[task_name]
+    others = [name for name in raw_datasets["train"].column_names if name != "label"]
+    if "sentence1" in others and "sentence2" in others:
+        return "sentence1", "sentence2"
+    if len(others) >= 2:
+        return others[0], others[1]
+    if others:
+        return others[0], None
+    raise UsageError("argument --train_file: the data has no text column besides the label.")
+
+
+def check_data(raw_datasets, data_args: DataTrainingArguments, keys: tuple[str, Optional[str]]) -> None:
+    """Refuse empty text or label cells (a test split may be unlabelled), naming the file, row and column."""
+    texts = [key for key in keys if key is not None]
+    for split, dataset in raw_datasets.items():
+        flag, source = data_source(data_args, split.split("_")[0])
+        labelled = "label" in dataset.column_names and not split.startswith("test")
+        check_cells(dataset, texts + (["label"] if labelled else []), flag, source)
+
+
+def load_config_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, labels: Labels):
     path = model_args.model_name_or_path
     hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                trust_remote_code=model_args.trust_remote_code)
     config = load_or_fail("--model_name_or_path", path, lambda: AutoConfig.from_pretrained(
-        model_args.config_name or path, num_labels=num_labels, finetuning_task=data_args.task_name, **hub))
+        model_args.config_name or path, num_labels=labels.count, finetuning_task=data_args.task_name, **hub))
     tokenizer = load_or_fail("--tokenizer_name", model_args.tokenizer_name or path, lambda: AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or path, use_fast=model_args.use_fast_tokenizer, **hub))
-    label_to_id = None
-    if not is_regression:
-        config.label2id = {str(name): i for i, name in enumerate(label_list)}
-        config.id2label = {i: str(name) for i, name in enumerate(label_list)}
-        if data_args.task_name is None:
-            label_to_id = {value: i for i, value in enumerate(label_list)}
+    if not labels.is_regression:
+        config.label2id = {str(name): i for i, name in enumerate(labels.names)}
+        config.id2label = {i: str(name) for i, name in enumerate(labels.names)}
+    return config, tokenizer, hub
 
-    def build_model():
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub)
 
-    if data_args.task_name is not None:
-        sentence1_key, sentence2_key = task_to_keys[data_args.task_name]
-    else:
-        others = [name for name in raw_datasets["train"].column_names if name != "label"]
-        if "sentence1" in others and "sentence2" in others:
-            sentence1_key, sentence2_key = "sentence1", "sentence2"
-        elif len(others) >= 2:
-            sentence1_key, sentence2_key = others[:2]
-        elif others:
-            sentence1_key, sentence2_key = others[0], None
-        else:
-            raise UsageError("argument --train_file: the data has no text column besides the label.")
-
+def tokenize(raw_datasets, tokenizer, data_args: DataTrainingArguments, training_args: TrainingArguments,
+             keys: tuple[str, Optional[str]], labels: Labels):
     padding = "max_length" if data_args.pad_to_max_length else False
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    first, second = keys
 
     def preprocess(examples):
-        texts = (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        texts = (examples[first],) if second is None else (examples[first], examples[second])
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
-        if label_to_id is not None and "label" in examples:
-            result["label"] = [label_to_id[value] if value != -1 else -1 for value in examples["label"]]
+        if labels.to_id is not None and "label" in examples:
+            # -1: an unlabelled row (a test file without labels)
+            result["label"] = [-1 if value is None else labels.to_id[value] for value in examples["label"]]
         return result
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
-        raw_datasets = raw_datasets.map(preprocess, batched=True, load_from_cache_file=not data_args.overwrite_cache,
-                                        desc="Running tokenizer on dataset")
+        return raw_datasets.map(preprocess, batched=True, load_from_cache_file=not data_args.overwrite_cache,
+                                desc="Running tokenizer on dataset")
 
-    def limit(dataset, count):
-        return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
+def limit(dataset, count):
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def eval_datasets(datasets, data_args: DataTrainingArguments, training_args: TrainingArguments) -> dict:
     mnli = data_args.task_name == "mnli"
-    train_dataset = limit(raw_datasets["train"], data_args.max_train_samples)
-    eval_datasets = {}
-    if training_args.do_eval:
-        eval_datasets[""] = limit(raw_datasets["validation_matched" if mnli else "validation"], data_args.max_eval_samples)
-        if mnli:
-            eval_datasets["_mm"] = limit(raw_datasets["validation_mismatched"], data_args.max_eval_samples)
+    if not training_args.do_eval:
+        return {}
+    result = {"": limit(datasets["validation_matched" if mnli else "validation"], data_args.max_eval_samples)}
+    if mnli:
+        result["_mm"] = limit(datasets["validation_mismatched"], data_args.max_eval_samples)
+    return result
 
+
+def metrics_function(data_args: DataTrainingArguments, model_args: ModelArguments, labels: Labels):
     if data_args.task_name is not None:
         metric = load_metric("glue", data_args.task_name, cache_dir=model_args.cache_dir)
     else:
-        metric = load_metric("mse" if is_regression else "accuracy", cache_dir=model_args.cache_dir)
+        metric = load_metric("mse" if labels.is_regression else "accuracy", cache_dir=model_args.cache_dir)
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predictions = np.squeeze(logits) if is_regression else np.argmax(logits, axis=1)
+        predictions = np.squeeze(logits) if labels.is_regression else np.argmax(logits, axis=1)
         result = metric(predictions=predictions, references=prediction.label_ids)
         if len(result) > 1:
             result["combined_score"] = float(np.mean(list(result.values())))
         return result
 
+    return compute_metrics
+
+
+def predictor(datasets, data_args: DataTrainingArguments, training_args: TrainingArguments, labels: Labels):
+    """``--do_predict``: predictions for the test split(s), labelled or not, written as transformers' script does."""
+    mnli = data_args.task_name == "mnli"
+    splits = {data_args.task_name or "test": "test_matched" if mnli else "test"}
+    if mnli:
+        splits["mnli-mm"] = "test_mismatched"
+
     def predict(trainer):
-        splits = {data_args.task_name or "test": "test_matched" if mnli else "test"}
-        if mnli:
-            splits["mnli-mm"] = "test_mismatched"
         for name, split in splits.items():
-            dataset = limit(raw_datasets[split], data_args.max_predict_samples).remove_columns("label")
+            dataset = limit(datasets[split], data_args.max_predict_samples)
+            if "label" in dataset.column_names:
+                dataset = dataset.remove_columns("label")
             predictions = trainer.predict(dataset, metric_key_prefix="predict").predictions
-            predictions = np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+            predictions = np.squeeze(predictions) if labels.is_regression else np.argmax(predictions, axis=1)
             if trainer.is_world_process_zero():
                 with open(os.path.join(training_args.output_dir, f"predict_results_{name}.txt"), "w") as writer:
                     writer.write("index\tprediction\n")
                     for index, item in enumerate(predictions):
-                        writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{label_list[item]}\n")
+                        text = f"{item:3.3f}" if labels.is_regression else labels.names[item]
+                        writer.write(f"{index}\t{text}\n")
 
-    card_kwargs = {"finetuned_from": path, "tasks": "text-classification"}
+    return predict
+
+
+def card_fields(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:
+    """The model card's metadata, as transformers' run_glue.py gives it."""
+    fields = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
     if data_args.task_name is not None:
-        card_kwargs.update(language="en", dataset_tags="glue", dataset_args=data_args.task_name,
-                           dataset=f"GLUE {data_args.task_name.upper()}")
+        fields.update(language="en", dataset_tags="nyu-mll/glue", dataset_args=data_args.task_name,
+                      dataset=f"GLUE {data_args.task_name.upper()}")
+    elif data_args.dataset_name is not None:
+        fields.update(dataset_tags=data_args.dataset_name, dataset=data_args.dataset_name)
+        if data_args.dataset_config_name:
+            fields["dataset_args"] = data_args.dataset_config_name
+    else:
+        fields["dataset"] = f"own data ({os.path.basename(data_args.train_file)})"
+    return fields
+
+
+def make_task(datasets, tokenizer, model_args, data_args, training_args, labels: Labels, build_model) -> Task:
     collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
-    task = Task(
+    return Task(
         build_model=build_model,
-        train_dataset=train_dataset,
-        eval_datasets=eval_datasets,
-        trainer_kwargs=dict(data_collator=collator, compute_metrics=compute_metrics, processing_class=tokenizer),
-        card_kwargs=card_kwargs,
-        metric_key=HEADLINE_METRIC.get(data_args.task_name, "mse" if is_regression else "accuracy"),
-        description=f"{path} on {data_args.task_name or data_args.dataset_name or data_args.train_file}",
+        train_dataset=limit(datasets["train"], data_args.max_train_samples),
+        eval_datasets=eval_datasets(datasets, data_args, training_args),
+        trainer_kwargs=dict(data_collator=collator, compute_metrics=metrics_function(data_args, model_args, labels),
+                            processing_class=tokenizer),
+        card_kwargs=card_fields(model_args, data_args),
+        metric_key=HEADLINE_METRIC.get(data_args.task_name, "mse" if labels.is_regression else "accuracy"),
+        description=f"{model_args.model_name_or_path} on "
+                    f"{data_args.task_name or data_args.dataset_name or data_args.train_file}",
         auto_class="AutoModelForSequenceClassification",
-        predict=predict,
+        predict=predictor(datasets, data_args, training_args, labels),
     )
-    return run(task, training_args, vcon_args, checkpoint)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    model_args, data_args, training_args, vcon_args, overwrite, given = parse_args(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, VConArguments), argv
+    )
+    setup_logging(training_args, logger)
+    data_args.check()  # every flag is checked before any data or model is loaded
+    vcon_config, checkpoint = check_flags(training_args, vcon_args, overwrite)
+
+    raw_datasets = rename_label_column(load_raw_datasets(data_args, model_args, training_args.do_predict), data_args)
+    keys = text_keys(raw_datasets, data_args.task_name)
+    check_data(raw_datasets, data_args, keys)
+    labels = label_space(raw_datasets, data_args)
+    config, tokenizer, hub = load_config_and_tokenizer(model_args, data_args, labels)
+    check_vcon_fits(lambda: AutoModelForSequenceClassification.from_config(
+        config, trust_remote_code=model_args.trust_remote_code), vcon_config, vcon_args)
+
+    def build_model():
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub)
+
+    datasets = tokenize(raw_datasets, tokenizer, data_args, training_args, keys, labels)
+    task = make_task(datasets, tokenizer, model_args, data_args, training_args, labels, build_model)
+    return run(task, training_args, vcon_args, checkpoint, given)
 
 
 if __name__ == "__main__":

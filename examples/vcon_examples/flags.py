@@ -135,11 +135,19 @@ class VConCommonArguments:
         try:
             return VConConfig(**fields, **options)
         except (TypeError, ValueError) as error:
-            raise UsageError(f"argument {_flags_named(str(error), [*fields, *options])}: {_with_none(str(error))}") from None
+            flag = flags_named(str(error), [*fields, *options])
+            raise UsageError(f"argument {flag}: {_with_none(str(error))}") from None
 
 
-def _flags_named(message: str, names: list[str]) -> str:
-    """The ``--vcon_…`` flags whose fields a VConConfig message names, in the order it names them."""
+    def flag_for(self, message: str) -> str:
+        """The ``--vcon_…`` flag(s) a library message (a layer that cannot take its compression…) is about."""
+        common = [f.name[len("vcon_"):] for f in dataclasses.fields(VConCommonArguments)]
+        options = [f.name[len("vcon_"):] for f in dataclasses.fields(self) if f.name[len("vcon_"):] not in common]
+        return flags_named(message, [*common, *options]).split("/")[0]
+
+
+def flags_named(message: str, names: list[str]) -> str:
+    """The ``--vcon_…`` flags whose fields (of ``names``) a VConConfig message names, in the order it names them."""
     if message.startswith("module_overrides"):
         return "--vcon_module_overrides"
     named = [name for name in names if re.search(rf"(?<![\w-]){name}(?!\w)", message)]
@@ -184,18 +192,29 @@ def _has_overwrite_flag() -> bool:
     return "overwrite_output_dir" in {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
+def _given_flags(argv: list[str], json_values: Optional[dict]) -> frozenset[str]:
+    """The flags the command line (or its JSON file) sets, by field name."""
+    if json_values is not None:
+        return frozenset(json_values)
+    return frozenset(arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--"))
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None) -> tuple:
     """Parse ``argv`` (default ``sys.argv[1:]``; one ``.json`` path reads the flags from that file) into the dataclasses.
 
-    Returns their instances in order, then ``overwrite_output_dir`` (a bool) last. Without ``--do_train``,
-    ``--do_eval`` or ``--do_predict`` the run trains and evaluates (the transformers scripts need both flags).
+    Returns their instances in order, then ``overwrite_output_dir`` (a bool), then the names of the flags given
+    (a frozenset: ``{"save_strategy", …}``) last. Without ``--do_train``, ``--do_eval`` or ``--do_predict`` the run
+    trains and evaluates (the transformers scripts need both flags).
     """
     types = list(dataclass_types)
     if not _has_overwrite_flag():
         types.append(OverwriteArguments)
     parser = HfArgumentParser(types, allow_abbrev=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    json_values = None
     if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(os.path.abspath(argv[0]), encoding="utf-8") as handle:
+            json_values = json.load(handle)
         parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
@@ -206,4 +225,4 @@ def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = 
         overwrite = training_args.overwrite_output_dir
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True
-    return (*parsed, overwrite)
+    return (*parsed, overwrite, _given_flags(argv, json_values))

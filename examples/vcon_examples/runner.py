@@ -1,53 +1,44 @@
-"""The run itself, as the transformers example scripts do it: output-folder safety, one arm (train, save, evaluate,
-predict, push), or the three-arm comparison dense → post-shot → VCON with its table."""
+"""The run itself, as the transformers example scripts do it: one arm (train, save, evaluate, predict, push), or the
+three-arm comparison dense → post-shot → VCON with its table. What is checked before is in :mod:`.checks`."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from hf_vcon import VConConfig, VConTrainer, vcon_summary
+from hf_vcon import VConConfig, VConTrainer, get_beta, vcon_summary
+from hf_vcon.reporting import warn_if_transition_outlasts_run
 from hf_vcon.summary import human_bytes
 
 from .flags import UsageError, VConCommonArguments
 
 logger = logging.getLogger("vcon_examples")
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vcon_config.json")
+# Flags that ask for checkpoints: without one, the arms of a comparison write none (they cannot be resumed).
+CHECKPOINT_FLAGS = frozenset({"save_strategy", "save_steps", "save_total_limit", "load_best_model_at_end"})
 
 
-# ------------------------------------------------------------------------------------------ output folder
-def check_output_dir(training_args: TrainingArguments, overwrite: bool, allow_resume: bool = True) -> Optional[str]:
-    """Refuse to overwrite a saved model; return the last ``checkpoint-N`` to resume from, if any.
+def setup_logging(training_args: TrainingArguments, *loggers: logging.Logger) -> None:
+    """Log to stdout at the process's level (warnings on the main process, errors elsewhere), as transformers'
+    scripts do."""
+    import sys
 
-    Raises:
-        UsageError: if ``--output_dir`` holds a model, or is not empty and holds no checkpoint, unless ``overwrite``.
-    """
-    out = training_args.output_dir
-    if not training_args.do_train or overwrite or not os.path.isdir(out) or not os.listdir(out):
-        return None
-    saved = [name for name in MODEL_FILES if os.path.isfile(os.path.join(out, name))]
-    if saved:
-        raise UsageError(
-            f"argument --output_dir: {out!r} already holds a model ({saved[0]}); pass --overwrite_output_dir to "
-            "replace it, or choose another --output_dir."
-        )
-    last = get_last_checkpoint(out) if allow_resume else None
-    if last is None:
-        raise UsageError(
-            f"argument --output_dir: {out!r} exists and is not empty; pass --overwrite_output_dir to write into it "
-            "anyway, or choose another --output_dir."
-        )
-    logger.warning(f"Resuming from {last}; pass --overwrite_output_dir to train from scratch instead.")
-    return last
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    for each in (*loggers, logger):
+        each.setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
 
 
 def load_or_fail(flag: str, value: Any, load: Callable[[], Any], hint: str = "") -> Any:
@@ -83,10 +74,29 @@ def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], t
     return VConTrainer(vcon_config=config, **kwargs)
 
 
+def saved_model_metrics(metrics: dict[str, float], beta: float) -> dict[str, float]:
+    """An evaluation's metrics with the saved (compressed) model's under the plain names.
+
+    While β = 0 the compressed model's metrics repeat the plain ones and are dropped. When training stopped
+    before β reached 0, ``eval_<metric>`` becomes the compressed model's (what was saved) and the blended model's
+    (never saved) is kept as ``eval_blended_<metric>``.
+    """
+    compressed = {key.replace("_compressed_", "_", 1): value for key, value in metrics.items() if "_compressed_" in key}
+    plain = {key: value for key, value in metrics.items() if "_compressed_" not in key}
+    if beta == 0 or not compressed:
+        return plain
+    blended = {key.replace("_", "_blended_", 1): value for key, value in plain.items() if key in compressed}
+    return {**plain, **compressed, **blended}
+
+
 def _evaluate(trainer: Trainer, task: Task, split: str = "eval") -> dict[str, float]:
+    beta = get_beta(trainer.model) if isinstance(trainer, VConTrainer) else 0.0
+    if beta > 0:
+        logger.warning(f"Training stopped at β = {beta:.4g}, before the transition's end: eval_* are the saved "
+                       "(compressed) model's metrics, eval_blended_* those of the blended model training ended with.")
     combined: dict[str, float] = {}
     for suffix, dataset in task.eval_datasets.items():
-        metrics = trainer.evaluate(eval_dataset=dataset)
+        metrics = saved_model_metrics(trainer.evaluate(eval_dataset=dataset), beta)
         metrics["eval_samples"] = len(dataset)
         combined.update({f"{key}{suffix}": value for key, value in metrics.items()})
     trainer.log_metrics(split, combined)
@@ -104,22 +114,41 @@ def _train(trainer: Trainer, task: Task, checkpoint: Optional[str] = None) -> di
     return metrics
 
 
-def _finish(trainer: Trainer, task: Task, args: TrainingArguments) -> None:
+def _finish(trainer: Trainer, task: Task, args: TrainingArguments, comparison: Optional[str] = None) -> None:
+    extra = {"comparison": comparison} if comparison and isinstance(trainer, VConTrainer) else {}
     if args.push_to_hub:
-        trainer.push_to_hub(**task.card_kwargs)
+        trainer.push_to_hub(**task.card_kwargs, **extra)
     elif args.should_save:
-        trainer.create_model_card(**task.card_kwargs)
+        trainer.create_model_card(**task.card_kwargs, **extra)
 
 
-def _arm_args(args: TrainingArguments, output_dir: str) -> TrainingArguments:
+def _arm_args(args: TrainingArguments, output_dir: str, push: bool, checkpoints: bool) -> TrainingArguments:
     arm = copy.copy(args)
-    arm.output_dir, arm.push_to_hub = output_dir, False
+    arm.output_dir, arm.push_to_hub = output_dir, push and args.push_to_hub
+    if not checkpoints:
+        arm.save_strategy = type(args.save_strategy)("no")  # SaveStrategy (IntervalStrategy before 4.47)
     return arm
 
 
-def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArguments, checkpoint: Optional[str] = None) -> dict:
+def _single(task: Task, training_args: TrainingArguments, config: Optional[VConConfig],
+            checkpoint: Optional[str]) -> dict:
+    set_seed(training_args.seed)
+    trainer = make_trainer(task.build_model(), training_args, config, task)
+    _train(trainer, task, checkpoint)
+    metrics = _evaluate(trainer, task) if training_args.do_eval else {}
+    if training_args.do_predict and task.predict:
+        task.predict(trainer)
+    _finish(trainer, task, training_args)
+    if config is not None and training_args.should_save:
+        print(f"\nSaved the merged {config.method} model to {os.path.abspath(training_args.output_dir)}")
+    return metrics
+
+
+def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArguments, checkpoint: Optional[str] = None,
+        given: frozenset[str] = frozenset()) -> dict:
     """Train, save, evaluate, predict and push as the transformers example scripts do; with ``--vcon_compare``, the
-    three arms and their table. Returns the headline metrics."""
+    three arms and their table. ``given`` holds the names of the flags the command line set. Returns the headline
+    metrics (the saved model's)."""
     config = vcon_args.to_vcon_config()
     if not training_args.do_train:
         logger.warning("No --do_train: evaluating the model as loaded (for example a merged VCON model), uncompressed.")
@@ -131,37 +160,45 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
     if config is None or not vcon_args.vcon_compare:
         if vcon_args.vcon_compare:
             logger.warning("--vcon_method none: no compression to compare; running the dense fine-tune only.")
-        set_seed(training_args.seed)
-        trainer = make_trainer(task.build_model(), training_args, config, task)
-        _train(trainer, task, checkpoint)
-        metrics = _evaluate(trainer, task) if training_args.do_eval else {}
-        if training_args.do_predict and task.predict:
-            task.predict(trainer)
-        _finish(trainer, task, training_args)
-        if config is not None and training_args.should_save:
-            print(f"\nSaved the merged {config.method} model to {os.path.abspath(training_args.output_dir)}")
-        return metrics
-    return compare(task, training_args, config)
+        return _single(task, training_args, config, checkpoint)
+    return compare(task, training_args, config, checkpoints=bool(CHECKPOINT_FLAGS & given))
 
 
-def compare(task: Task, training_args: TrainingArguments, config: VConConfig) -> dict:
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps ``trainer.train()`` will make (``max_steps``, or epochs × updates per epoch)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = len(trainer.get_train_dataloader())
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def _dense_arm(task: Task, training_args: TrainingArguments, config: VConConfig, checkpoints: bool):
+    out = training_args.output_dir
+    set_seed(training_args.seed)
+    dense = make_trainer(task.build_model(), _arm_args(training_args, os.path.join(out, "dense"), False, checkpoints),
+                         None, task)
+    warn_if_transition_outlasts_run(config, planned_steps(dense), stacklevel=2)  # before any arm trains
+    logger.warning("*** Arm 1/3: dense fine-tune (the reference) ***")
+    _train(dense, task)
+    metrics = _evaluate(dense, task)
+    state = {name: tensor.detach().clone() for name, tensor in dense.model.state_dict().items()}
+    return metrics, state, sum(p.numel() * p.element_size() for p in dense.model.parameters())
+
+
+def compare(task: Task, training_args: TrainingArguments, config: VConConfig, checkpoints: bool = False) -> dict:
     """Dense fine-tune, then post-shot (Q = 0) and VCON each from the dense fine-tuned weights; print the table.
 
     The dense and post-shot models go to ``<output_dir>/dense`` and ``<output_dir>/post-shot``; the VCON model (the
-    product) to ``<output_dir>`` itself, with ``compare_results.json`` (also merged into ``all_results.json``).
+    product) to ``<output_dir>`` itself, with ``compare_results.json`` (also merged into ``all_results.json``) and
+    the table in its model card. The arms write no ``checkpoint-N`` folders unless ``checkpoints`` (a flag such as
+    ``--save_strategy`` asked for them).
     """
     out = training_args.output_dir
-    key = f"eval_{task.metric_key}"
     results: dict[str, dict] = {}
-
-    logger.warning("*** Arm 1/3: dense fine-tune (the reference) ***")
-    set_seed(training_args.seed)
-    dense = make_trainer(task.build_model(), _arm_args(training_args, os.path.join(out, "dense")), None, task)
-    _train(dense, task)
-    results["dense"] = _evaluate(dense, task)
-    dense_state = {name: tensor.detach().clone() for name, tensor in dense.model.state_dict().items()}
-    dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.parameters())
-    del dense
+    results["dense"], dense_state, dense_bytes = _dense_arm(task, training_args, config, checkpoints)
 
     def from_dense() -> torch.nn.Module:
         set_seed(training_args.seed)
@@ -171,20 +208,27 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
 
     logger.warning("*** Arm 2/3: post-shot (compress at once, then fine-tune) ***")
     post_config = dataclasses.replace(config, transition_steps=0)
-    post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot")), post_config, task)
+    post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot"), False, checkpoints),
+                        post_config, task)
     _train(post, task)
     results["post-shot"] = _evaluate(post, task)
     del post
 
     logger.warning("*** Arm 3/3: VCON (β from 1 to 0 over the transition, then fine-tune) ***")
-    vcon = make_trainer(from_dense(), training_args, config, task)
+    vcon = make_trainer(from_dense(), _arm_args(training_args, out, True, checkpoints), config, task)
     _train(vcon, task)
     results["VCON"] = _evaluate(vcon, task)
     if training_args.do_predict and task.predict:
         task.predict(vcon)
+    return _report(task, training_args, config, vcon, results, dense_bytes)
+
+
+def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vcon: Trainer, results: dict,
+            dense_bytes: int) -> dict:
+    """The comparison's numbers, its table (printed, in compare_results.md and in the model card), the push."""
+    out, key = training_args.output_dir, f"eval_{task.metric_key}"
     summary = vcon_summary(vcon.model)
     q = config.resolve_transition_steps(vcon.state.max_steps)
-
     model_after = dense_bytes - summary.bytes_before + summary.bytes_after
     compare_metrics = {f"{arm.lower().replace('-', '')}_{key}": metrics.get(key) for arm, metrics in results.items()}
     compare_metrics.update(targeted_bytes_before=summary.bytes_before, targeted_bytes_after=summary.bytes_after,
@@ -195,7 +239,7 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
     if training_args.should_save:
         with open(os.path.join(out, "compare_results.md"), "w", encoding="utf-8") as handle:
             handle.write(table + "\n")
-    _finish(vcon, task, training_args)
+    _finish(vcon, task, training_args, comparison=table)
     print("\n" + table)
     if training_args.should_save:
         print(where_saved(out, training_args, task.auto_class))

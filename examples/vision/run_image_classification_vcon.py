@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
@@ -40,12 +39,14 @@ from vcon_examples import (  # noqa: E402
     Task,
     UsageError,
     VConArguments,
-    check_output_dir,
+    check_flags,
+    check_vcon_fits,
     load_metric,
     load_or_fail,
     parse_args,
     run,
     run_main,
+    setup_logging,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,70 +186,59 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     return dataset
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    argv = with_recipe(list(sys.argv[1:] if argv is None else argv))
-    model_args, data_args, training_args, vcon_args, overwrite = parse_args(
-        (ModelArguments, DataTrainingArguments, TrainingArguments, VisionVConArguments), argv
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("vcon_examples").setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-    # Every bad input fails here, before any data or model is loaded.
-    vcon_args.to_vcon_config()
-    compare = vcon_args.vcon_compare and vcon_args.vcon_method != "none"
-    checkpoint = check_output_dir(training_args, overwrite, allow_resume=not compare)
-    training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
-    if data_args.dataset_name == DIGITS and not model_args.model_name_or_path and training_args.device.type == "cpu":
-        # A model this small runs fastest on one thread, and many times faster than on threads that share busy cores.
-        torch.set_num_threads(1)
-
-    dataset = load_data(data_args, model_args, training_args.seed)
-    label = data_args.label_column_name
+def label_maps(dataset, label: str) -> tuple[list[str], dict, dict]:
     labels = dataset["train"].features[label].names
-    label2id = {name: str(i) for i, name in enumerate(labels)}
-    id2label = {str(i): name for i, name in enumerate(labels)}
+    return labels, {name: str(i) for i, name in enumerate(labels)}, {str(i): name for i, name in enumerate(labels)}
 
-    if model_args.model_name_or_path:
-        path = model_args.model_name_or_path
-        hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-                   trust_remote_code=model_args.trust_remote_code)
-        config = load_or_fail("--model_name_or_path", path, lambda: AutoConfig.from_pretrained(
-            model_args.config_name or path, num_labels=len(labels), label2id=label2id, id2label=id2label,
-            finetuning_task="image-classification", **hub))
-        image_processor = load_or_fail("--image_processor_name", model_args.image_processor_name or path,
-                                       lambda: AutoImageProcessor.from_pretrained(model_args.image_processor_name or path, **hub))
 
-        def build_model():
-            return AutoModelForImageClassification.from_pretrained(
-                path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub)
+def pretrained_model(model_args: ModelArguments, data_args: DataTrainingArguments, dataset, label: str):
+    """The config, image processor and model builder of ``--model_name_or_path``."""
+    labels, label2id, id2label = label_maps(dataset, label)
+    path = model_args.model_name_or_path
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+               trust_remote_code=model_args.trust_remote_code)
+    config = load_or_fail("--model_name_or_path", path, lambda: AutoConfig.from_pretrained(
+        model_args.config_name or path, num_labels=len(labels), label2id=label2id, id2label=id2label,
+        finetuning_task="image-classification", **hub))
+    processor_name = model_args.image_processor_name or path
+    image_processor = load_or_fail("--image_processor_name", processor_name,
+                                   lambda: AutoImageProcessor.from_pretrained(processor_name, **hub))
 
-        description = f"{path} on {data_args.dataset_name or data_args.train_dir}"
+    def build_model():
+        return AutoModelForImageClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub)
+
+    return config, image_processor, build_model, f"{path} on {data_args.dataset_name or data_args.train_dir}"
+
+
+def model_from_config(model_args: ModelArguments, data_args: DataTrainingArguments, dataset, label: str):
+    """The config (``--model_type``, ``--config_overrides``), image processor and model builder of a model trained
+    from scratch."""
+    labels, label2id, id2label = label_maps(dataset, label)
+    config = AutoConfig.for_model(model_args.model_type, **(SMALL_VIT if model_args.model_type == "vit" else {}))
+    if model_args.config_overrides:
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as error:
+            raise UsageError(f"argument --config_overrides: {error}") from None
+    config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
+    if model_args.image_processor_name:
+        image_processor = load_or_fail("--image_processor_name", model_args.image_processor_name,
+                                       lambda: AutoImageProcessor.from_pretrained(model_args.image_processor_name))
     else:
-        overrides = SMALL_VIT if model_args.model_type == "vit" else {}
-        config = AutoConfig.for_model(model_args.model_type, **overrides)
-        if model_args.config_overrides:
-            try:
-                config.update_from_string(model_args.config_overrides)
-            except ValueError as error:
-                raise UsageError(f"argument --config_overrides: {error}") from None
-        config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
-        if model_args.image_processor_name:
-            image_processor = load_or_fail("--image_processor_name", model_args.image_processor_name,
-                                           lambda: AutoImageProcessor.from_pretrained(model_args.image_processor_name))
-        else:
-            size = getattr(config, "image_size", 224)
-            image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                                image_std=[0.5] * 3)
+        size = getattr(config, "image_size", 224)
+        image_processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
 
-        def build_model():
-            return AutoModelForImageClassification.from_config(config)
+    def build_model():
+        return AutoModelForImageClassification.from_config(config)
 
-        description = f"a {model_args.model_type} built from a config on {data_args.dataset_name or data_args.train_dir}"
+    description = f"a {model_args.model_type} built from a config on {data_args.dataset_name or data_args.train_dir}"
+    return config, image_processor, build_model, description
 
+
+def prepare_images(dataset, data_args: DataTrainingArguments, image_processor, label: str):
+    """Images → ``pixel_values`` with the model's image processor: once for the digits, on the fly otherwise."""
     image_column = data_args.image_column_name
 
     def transform(batch):
@@ -262,29 +252,68 @@ def main(argv: Optional[list[str]] = None) -> dict:
             dataset[split].set_format("torch")
         else:
             dataset[split].set_transform(transform)
+    return dataset
 
-    def collate(examples):
-        return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-                "labels": torch.tensor([example["labels"] for example in examples])}
 
+def collate(examples):
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.tensor([example["labels"] for example in examples])}
+
+
+def card_fields(model_args: ModelArguments, data_args: DataTrainingArguments) -> dict:
+    fields = dict(finetuned_from=model_args.model_name_or_path, tasks="image-classification",
+                  tags=["image-classification", "vision"])
+    if data_args.train_dir or data_args.validation_dir:
+        fields["dataset"] = "own image folders"
+    elif data_args.dataset_name == DIGITS:
+        fields["dataset"] = "scikit-learn digits (1,797 8×8 images)"
+    else:
+        fields.update(dataset_tags=data_args.dataset_name, dataset=data_args.dataset_name)
+        if data_args.dataset_config_name:
+            fields["dataset_args"] = data_args.dataset_config_name
+    return fields
+
+
+def make_task(dataset, model_args, data_args, training_args, image_processor, build_model, description) -> Task:
     accuracy = load_metric("accuracy", cache_dir=model_args.cache_dir)
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return accuracy(predictions=np.argmax(logits, axis=1), references=prediction.label_ids)
 
-    task = Task(
+    return Task(
         build_model=build_model,
         train_dataset=dataset["train"],
         eval_datasets={"": dataset["validation"]} if training_args.do_eval and "validation" in dataset else {},
         trainer_kwargs=dict(data_collator=collate, compute_metrics=compute_metrics, processing_class=image_processor),
-        card_kwargs=dict(finetuned_from=model_args.model_name_or_path, tasks="image-classification",
-                         dataset=data_args.dataset_name, tags=["image-classification", "vision"]),
+        card_kwargs=card_fields(model_args, data_args),
         metric_key="accuracy",
         description=description,
         auto_class="AutoModelForImageClassification",
     )
-    return run(task, training_args, vcon_args, checkpoint)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    argv = with_recipe(list(sys.argv[1:] if argv is None else argv))
+    model_args, data_args, training_args, vcon_args, overwrite, given = parse_args(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, VisionVConArguments), argv
+    )
+    setup_logging(training_args, logger)
+    vcon_config, checkpoint = check_flags(training_args, vcon_args, overwrite)  # before any data or model is loaded
+    training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
+    if data_args.dataset_name == DIGITS and not model_args.model_name_or_path and training_args.device.type == "cpu":
+        # A model this small runs fastest on one thread, and many times faster than on threads that share busy cores.
+        torch.set_num_threads(1)
+
+    dataset = load_data(data_args, model_args, training_args.seed)
+    label = data_args.label_column_name
+    build = pretrained_model if model_args.model_name_or_path else model_from_config
+    config, image_processor, build_model, description = build(model_args, data_args, dataset, label)
+    check_vcon_fits(lambda: AutoModelForImageClassification.from_config(
+        config, trust_remote_code=model_args.trust_remote_code), vcon_config, vcon_args)
+    dataset = prepare_images(dataset, data_args, image_processor, label)
+    task = make_task(dataset, model_args, data_args, training_args, image_processor, build_model, description)
+    return run(task, training_args, vcon_args, checkpoint, given)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linears import linear_shape
+from ..errors import UnsupportedLayerError
 from .base import CompressionStats, FactorCompressor
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed
@@ -119,7 +120,7 @@ class LowRankFactorizer(FactorCompressor):
             return
         given = f"rank={self.options.rank}" if self.options.rank is not None else f"rank_ratio={self.options.rank_ratio}"
         if bound == 0:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"layer {name!r} of shape ({out_features}, {in_features}) cannot be factorised smaller: even rank 1 "
                 f"stores {out_features + in_features} numbers for its {out_features * in_features}. Exclude it with "
                 "exclude_modules."

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedLayerError
 from .base import CompressionStats, WeightCompressor
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
@@ -156,7 +157,7 @@ class MagnitudePruner(WeightCompressor):
             return
         _, m = parse_n_m(pattern)
         if in_features % m:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"prune_pattern={pattern!r} needs in_features divisible by {m}, but layer {name!r} has "
                 f"in_features={in_features}; exclude it with exclude_modules or use another pattern."
             )
