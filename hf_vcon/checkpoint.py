@@ -62,6 +62,34 @@ def checkpoint_keys(checkpoint_dir: str) -> Optional[set[str]]:
     return None
 
 
+def module_key_names(model: nn.Module, keys, folder: str = "") -> dict[str, str]:
+    """Each saved key → the model's own key. transformers 5 saves some architectures (ViT…) under their legacy names
+    and renames them back in ``from_pretrained``, but not when a Trainer resumes; this does the same renaming
+    (transformers 4 renames nothing).
+
+    Raises:
+        IncompatibleCheckpointError: for a tensor stored in a layout transformers converts (fused or split weights).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {key: key for key in keys}
+    transforms = get_model_conversion_mapping(unwrap_model(model))
+    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+    names = {}
+    for key in keys:
+        new_key, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise IncompatibleCheckpointError(
+                f"Tensor {key!r} of {folder!r} is stored in a layout that transformers converts when loading (fused or "
+                "split weights), which hf_vcon does not do for a training checkpoint."
+            )
+        names[key] = new_key
+    return names
+
+
 def verify_checkpoint(checkpoint_dir: str, model: nn.Module) -> None:
     """Raise unless ``checkpoint_dir`` was written from a VCON model with the same configuration and VCON tensors.
 
@@ -86,7 +114,7 @@ def verify_checkpoint(checkpoint_dir: str, model: nn.Module) -> None:
     if saved is None:  # FSDP sharded or .bin checkpoints: the configuration check above is what we can do
         return
     expected = {key for key in unwrap_model(model).state_dict() if is_vcon_key(key)}
-    found = {key for key in saved if is_vcon_key(key)}
+    found = {key for key in module_key_names(model, saved, checkpoint_dir).values() if is_vcon_key(key)}
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         raise IncompatibleCheckpointError(

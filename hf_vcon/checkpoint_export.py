@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+
 import torch
 from torch import nn
 
-from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_vcon_key, module_key_names
 from .config import CONFIG_NAME, VConConfig
 from .errors import IncompatibleCheckpointError
-from .checkpoint import is_vcon_key
 from .exporter import TRAINING_ARGS_NAME, export_run
 from .model import apply_vcon, set_step
 from .summary import VConSummary
@@ -68,29 +68,6 @@ def _build_model(folder: str, saved: dict[str, torch.Tensor]) -> nn.Module:
         )
     dtype = next((tensor.dtype for tensor in saved.values() if tensor.is_floating_point()), torch.float32)
     return model_class(config).to(dtype)
-
-
-def _module_keys(model: nn.Module, saved: dict[str, torch.Tensor], folder: str) -> dict[str, torch.Tensor]:
-    """``saved`` under the model's module names: transformers 5 saves some architectures (ViT…) under their legacy
-    names, which its ``from_pretrained`` renames back; this does the same renaming (transformers 4 renames nothing)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
-        return saved
-    transforms = get_model_conversion_mapping(model)
-    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
-    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
-    renamed = {}
-    for key, tensor in saved.items():
-        new_key, converted = rename_source_key(key, renamings, converters)
-        if converted is not None:
-            raise IncompatibleCheckpointError(
-                f"Tensor {key!r} of {folder!r} is stored in a layout that transformers converts when loading (fused or "
-                "split weights), which load_training_checkpoint does not do."
-            )
-        renamed[new_key] = tensor
-    return renamed
 
 
 def _check_keys(model: nn.Module, saved: dict[str, torch.Tensor], folder: str) -> None:
@@ -159,7 +136,7 @@ def load_training_checkpoint(folder: str) -> nn.Module:
     vcon_config = VConConfig.from_pretrained(folder)
     saved = _read_state_dict(folder)
     model = apply_vcon(_build_model(folder, saved), vcon_config)
-    saved = _module_keys(model, saved, folder)
+    saved = {renamed: saved[key] for key, renamed in module_key_names(model, saved, folder).items()}
     _check_keys(model, saved, folder)
     model.load_state_dict(saved, strict=False)  # strict up to tied tensors, checked above
     state = _trainer_state(folder)

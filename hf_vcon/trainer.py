@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .checkpoint import verify_checkpoint
+from .checkpoint import SAFE_WEIGHTS_NAME, module_key_names, verify_checkpoint
 from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
@@ -275,6 +275,23 @@ class VConTrainer(Trainer):
         if isinstance(checkpoint, (str, os.PathLike)):
             verify_checkpoint(os.fspath(checkpoint), self.model)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's loading, with the saved keys renamed to the model's own first: transformers 5 saves some
+        architectures (ViT…) under legacy names that its resume would not match, leaving the model as it was."""
+        target = model if model is not None else self.model
+        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if sharded or not os.path.isfile(weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        saved = load_file(weights, device="cpu")
+        names = module_key_names(target, saved, resume_from_checkpoint)
+        if all(key == name for key, name in names.items()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        result = unwrap_model(target).load_state_dict({names[key]: value for key, value in saved.items()}, strict=False)
+        self._issue_warnings_after_load(result)
 
     def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._sharding_checked:  # `model` is the wrapped one: DDP, FSDP, DeepSpeed engine

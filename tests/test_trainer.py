@@ -386,3 +386,31 @@ def _keep_released(callback):
         return result
 
     return on_train_begin
+
+
+class TinyImageDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        return {"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": torch.tensor(index % 10)}
+
+
+def test_resume_of_a_model_transformers_saves_under_legacy_names(tmp_path):
+    """transformers 5 writes ViT checkpoints under its legacy key names and its resume does not rename them back (the
+    model would stay as it was); VConTrainer renames them, so resuming mid-transition gives the uninterrupted run."""
+    from conftest import tiny_vit
+
+    def trainer(folder, seed):
+        torch.manual_seed(seed)
+        args = training_args(folder, max_steps=4, save_strategy="steps", save_steps=2)
+        return VConTrainer(model=tiny_vit(), args=args, train_dataset=TinyImageDataset(),
+                           vcon_config=VConConfig(method="binary", transition_steps=3))
+
+    full = trainer(tmp_path / "full", 0)
+    full.train()
+    resumed = trainer(tmp_path / "resumed", 7)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
