@@ -47,6 +47,9 @@ from .compact import save_compressed
 from .compact_load import load_compressed
 from .checkpoint_export import export_checkpoint, load_training_checkpoint
 
+# PEFT adapters on VCON layers
+from .adapters import get_peft_model
+
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning
 
@@ -85,6 +88,7 @@ __all__ = [
     "load_compressed",
     "export_checkpoint",
     "load_training_checkpoint",
+    "get_peft_model",
     "IncompatibleCheckpointError",
     "NoTargetModulesError",
     "UnsupportedLayerError",

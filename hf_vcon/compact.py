@@ -27,6 +27,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .adapters import ADAPTER_FOLDER, is_peft_model, without_adapters
 from .model import check_finite
 from .state import VConState, replaced_keys, require_state, unwrap_model
 from .version import __version__
@@ -67,7 +68,7 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
     """
     from safetensors.torch import save_file
 
-    model = unwrap_model(model)
+    wrapper, model = model, unwrap_model(model)
     state = require_state(model, "save_compressed")
     check_finite(state)
     tensors, layers = _packed_layers(state)
@@ -92,6 +93,8 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
     with open(os.path.join(output_dir, COMPACT_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    if is_peft_model(wrapper):
+        wrapper.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))
     return os.fspath(output_dir)
 
 
@@ -117,7 +120,8 @@ def _add_dense_tensors(tensors: dict, state: VConState, model: nn.Module, droppe
     """Add every other tensor of the model (layer-wise layout) to ``tensors``; tied ones once. Returns the aliases."""
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, value in state.granularity.layer_wise_state_dict(state, model.state_dict()).items():
+    own = without_adapters(model, model.state_dict())  # PEFT adapters are saved apart
+    for key, value in state.granularity.layer_wise_state_dict(state, own).items():
         if key in dropped:
             continue
         key = renamed.get(key, key)

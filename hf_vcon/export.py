@@ -6,11 +6,13 @@ main process instead of the sharded tensors the modules hold.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .adapters import ADAPTER_FOLDER, is_peft_model, without_adapters
 from .state import layer_tensors, replaced_keys, require_state, unwrap_model
 from .summary import VConSummary, vcon_summary
 
@@ -24,7 +26,8 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
             to ``model.state_dict()``.
     """
     state = require_state(model, "merged_state_dict")
-    source = state_dict if state_dict is not None else unwrap_model(model).state_dict()
+    inner = unwrap_model(model)
+    source = without_adapters(inner, state_dict if state_dict is not None else inner.state_dict())
     dropped, renamed = replaced_keys(state)
     layer_wise = state.granularity.layer_wise_state_dict(state, source)
     merged = {renamed.get(key, key): value for key, value in layer_wise.items() if key not in dropped}
@@ -42,11 +45,15 @@ def save_merged(
 ) -> VConSummary:
     """Write the merged compressed model (safetensors + ``config.json``) and ``vcon_config.json`` to ``output_dir``.
 
-    The patched model itself is left as it is (training can go on). Returns the summary of the compression.
+    The patched model itself is left as it is (training can go on). A ``peft.PeftModel`` writes its compressed base
+    model there and its adapters to ``output_dir/adapter`` (load: ``PeftModel.from_pretrained(AutoModel…
+    .from_pretrained(output_dir), output_dir + "/adapter")``). Returns the summary of the compression.
     """
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
     source = state_dict if state_dict is not None else inner.state_dict()
     inner.save_pretrained(output_dir, state_dict=merged_state_dict(inner, source), **save_kwargs)
     state.config.save_pretrained(output_dir)
-    return vcon_summary(inner, source)
+    if is_peft_model(model):  # the adapters apart, on the compressed base: PeftModel.from_pretrained(base, adapter/)
+        model.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))
+    return vcon_summary(inner, without_adapters(inner, source))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import check_not_inside_vcon
 from .compressors import Compressor
 from .errors import VConError
 from .linears import LINEAR_TYPES, is_conv1d, linear_shape, linear_weight, stored_orientation, write_weight
@@ -189,6 +190,8 @@ class VConLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ForwardAudit.active is not None:
             ForwardAudit.active.ran.add(id(self))
+        if not isinstance(self.base_layer, LINEAR_TYPES):  # an adapter was put inside this layer after patching
+            check_not_inside_vcon(self)
         if self.beta == 1.0:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)

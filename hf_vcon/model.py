@@ -15,12 +15,13 @@ from torch import nn
 
 from .blocks import BlockWise
 from .config import VConConfig
+from .adapters import is_peft_model
 from .errors import VConError
 from .layers import ForwardAudit, VConLinear
 from .layerwise import LayerWise
 from .parametrized import VConWeight
 from .plan import MAX_NAMES_SHOWN
-from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, require_state, unwrap_model
+from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, holder_paths, require_state, unwrap_model
 from .transitions import set_state_step, transition_of
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -32,16 +33,6 @@ GRANULARITIES = {"layer": LayerWise(), "block": BlockWise()}
 def _check_not_wrapped(model: nn.Module) -> None:
     if get_vcon_state(model) is not None or any(isinstance(m, (VConLinear, VConWeight)) for m in model.modules()):
         raise VConError("This model already has VCON layers; call unload() or merge_and_unload() before apply_vcon again.")
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft absent: nothing of it can be in the model
-        return
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    if wrapped or type(model).__name__.startswith("Peft"):
-        raise VConError(
-            f"This model has PEFT adapter layers (e.g. {wrapped[:3]}); VCON cannot wrap them. Apply VCON to the base "
-            "model, or call merge_and_unload() on the PEFT model first."
-        )
 
 
 def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
@@ -65,7 +56,7 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
         NoTargetModulesError: if the targets match no Linear/Conv1D module (some existing names are listed).
         ValueError: if a matched layer cannot take its compression (its name is given), or a ``module_overrides``
             pattern matches no targeted module.
-        VConError: if the model already has VCON or PEFT layers.
+        VConError: if the model already has VCON layers, or a target is a PEFT adapter layer or inside one.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -76,7 +67,13 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
     """
     if not isinstance(config, VConConfig):
         raise TypeError(f"config must be a VConConfig, not {type(config).__name__}.")
-    _check_not_wrapped(model)
+    inner = unwrap_model(model)  # a PeftModel: its base model, whose adapter layers are left alone
+    _check_not_wrapped(inner)
+    _apply(inner, config)
+    return model
+
+
+def _apply(model: nn.Module, config: VConConfig) -> None:
     granularity = GRANULARITIES[config.granularity]
     wrapped = granularity.wrap(model, config)  # every check and every wrapper, before the model is touched
     for name, holder in zip(wrapped.holder_names, wrapped.holders):
@@ -87,7 +84,6 @@ def apply_vcon(model: ModelT, config: VConConfig) -> ModelT:
     transition_of(state).prepare(state)
     setattr(model, STATE_ATTRIBUTE, state)
     _audit_first_forward(model, state)
-    return model
 
 
 def _audit_first_forward(model: nn.Module, state: VConState) -> None:
@@ -293,20 +289,21 @@ def merge_and_unload(model: ModelT) -> ModelT:
     then plain ``from_pretrained`` loads it without hf_vcon.
 
     Returns:
-        The same ``model`` object, now without VCON layers.
+        The model without VCON layers: the same object (inside DDP / compile wrappers, the wrapped model; a
+        ``peft.PeftModel`` stays one, its adapters now on the plain compressed layers).
 
     Raises:
         VConError: if the model has no VCON layers, or any VCON weight is NaN/Inf (the model is left unchanged).
     """
-    model = unwrap_model(model)
-    state = require_state(model, "merge_and_unload")
+    inner = unwrap_model(model)
+    state = require_state(inner, "merge_and_unload")
     check_finite(state)
     with torch.no_grad():
-        for name, holder in zip(state.holder_names, state.holders):
-            holder.detach_from(model, name, merge=True)
-    delattr(model, STATE_ATTRIBUTE)
-    _remove_audit(model)
-    return model
+        for path, holder in zip(holder_paths(inner, state), state.holders):
+            holder.detach_from(inner, path, merge=True)
+    delattr(inner, STATE_ATTRIBUTE)
+    _remove_audit(inner)
+    return model if is_peft_model(model) else inner
 
 
 def unload(model: ModelT) -> ModelT:
@@ -318,10 +315,10 @@ def unload(model: ModelT) -> ModelT:
     Raises:
         VConError: if the model has no VCON layers.
     """
-    model = unwrap_model(model)
-    state = require_state(model, "unload")
-    for name, holder in zip(state.holder_names, state.holders):
-        holder.detach_from(model, name, merge=False)
-    delattr(model, STATE_ATTRIBUTE)
-    _remove_audit(model)
-    return model
+    inner = unwrap_model(model)
+    state = require_state(inner, "unload")
+    for path, holder in zip(holder_paths(inner, state), state.holders):
+        holder.detach_from(inner, path, merge=False)
+    delattr(inner, STATE_ATTRIBUTE)
+    _remove_audit(inner)
+    return model if is_peft_model(model) else inner

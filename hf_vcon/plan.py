@@ -8,8 +8,9 @@ import warnings
 
 from torch import nn
 
+from .adapters import adapter_layer_names
 from .config import VConConfig
-from .errors import NoTargetModulesError, UnsupportedLayerError, VConWarning
+from .errors import NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning
 from .linears import LINEAR_TYPES
 from .state import Plan
 from .targets import ALL_LINEAR, candidate_targets, find_targets, matches, matches_pattern
@@ -30,6 +31,15 @@ def resolve_targets(model: nn.Module, config: VConConfig) -> list[str]:
         NoTargetModulesError: if there are none, listing some Linear names of the model.
     """
     warn_unmatched_excludes(model, config.exclude_modules)
+    if config.target_modules != ALL_LINEAR:
+        inside = [name for name in adapter_layer_names(model) if matches(name, config.target_modules)]
+        inside += find_targets(model, config.target_modules, config.exclude_modules, inside_adapters=True)
+        if inside:
+            raise VConError(
+                f"target_modules={config.target_modules!r} matches layers that PEFT adapters hold, e.g. {shown(inside)}; "
+                "VCON cannot compress under an adapter. Apply VCON first and put the adapters on top "
+                "(hf_vcon.get_peft_model), or target other layers."
+            )
     names = find_targets(model, config.target_modules, config.exclude_modules)
     if not names:
         linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]

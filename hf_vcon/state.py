@@ -100,14 +100,23 @@ class VConState:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / FSDP / ``torch.compile`` wrappers."""
+    """The model inside DDP / DataParallel / FSDP / ``torch.compile`` / ``peft.PeftModel`` wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
+        elif hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
         else:
             return model
+
+
+def holder_paths(model: nn.Module, state: VConState) -> list[str]:
+    """Where each holder is now: its name, or where a wrapper moved it (a PEFT adapter wrapping a VCON layer puts it
+    at ``<name>.base_layer``)."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    return [paths.get(id(holder), name) for name, holder in zip(state.holder_names, state.holders)]
 
 
 def get_vcon_state(model: nn.Module) -> Optional[VConState]:

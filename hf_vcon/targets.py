@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 from torch import nn
 
+from .adapters import adapter_layer_names
 from .linears import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
@@ -111,23 +112,29 @@ def fused_weight_names(module: nn.Module, name: str) -> list[str]:
     return [key for key, param in module.named_parameters(recurse=False) if param.dim() == 3 and param.is_floating_point()]
 
 
-def candidate_targets(model: nn.Module) -> list[tuple[str, str]]:
+def candidate_targets(model: nn.Module, inside_adapters: bool = False) -> list[tuple[str, str]]:
     """Every ``(name, owner)`` VCON can compress, in model order: Linear/Conv1D modules (``owner`` = the name) and
-    fused weights (``<owner>.<parameter>``)."""
+    fused weights (``<owner>.<parameter>``). What PEFT adapter layers hold (their base layer, their adapters) is
+    left out, or is all that is returned with ``inside_adapters``."""
+    adapters = set(adapter_layer_names(model))
     found = []
     for name, module in model.named_modules():
+        if _under(name, adapters) != inside_adapters:
+            continue
         if name and isinstance(module, LINEAR_TYPES):
             found.append((name, name))
         found.extend((f"{name}.{key}" if name else key, name) for key in fused_weight_names(module, name))
     return found
 
 
-def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None) -> list[str]:
+def find_targets(model: nn.Module, target_modules: Targets, exclude_modules: Optional[Targets] = None,
+                 inside_adapters: bool = False) -> list[str]:
     """Names of what VCON would compress in ``model``: Linear/Conv1D module names and fused weights'
-    ``<owner>.<parameter>`` names, in model order. A fused weight matches the grammar by its own name or its owner's."""
+    ``<owner>.<parameter>`` names, in model order. A fused weight matches the grammar by its own name or its owner's.
+    Layers PEFT adapters hold are never targets (``inside_adapters`` returns those the targets would match)."""
     excluded = excluded_by_all_linear(model) if target_modules == ALL_LINEAR else set()
     names = []
-    for name, owner in candidate_targets(model):
+    for name, owner in candidate_targets(model, inside_adapters):
         if matches(name, exclude_modules) or (owner != name and matches(owner, exclude_modules)):
             continue
         if target_modules == ALL_LINEAR:

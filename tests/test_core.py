@@ -266,16 +266,6 @@ def test_wrapping_twice_is_an_error():
         apply_vcon(model, vcon_config("binary", {}))
 
 
-def test_wrapping_a_peft_model_is_an_error():
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(build("bert"), LoraConfig(target_modules=["query"], r=2))
-    state = copy.deepcopy(peft_model.state_dict())
-    with pytest.raises(VConError, match="PEFT"):
-        apply_vcon(peft_model, vcon_config("binary", {}))
-    assert all(torch.equal(peft_model.state_dict()[k], v) for k, v in state.items())
-
-
 def test_merge_and_unload_need_a_patched_model():
     for verb in (merge_and_unload, unload, vcon_summary):
         with pytest.raises(VConError, match="apply_vcon"):

@@ -1,0 +1,132 @@
+"""VCON with PEFT adapters: compress a (frozen) base smoothly while LoRA adapters learn to compensate.
+
+The supported recipe puts VCON first and the adapters on top (QLoRA / LoftQ-style): ``apply_vcon(model, config)``,
+then :func:`get_peft_model` (this module's; PEFT's own refuses VCON layers). A LoRA adapter on a VCON layer then wraps
+the whole VCON layer, so its update is added to the blend at every β: ``y = (β·W + (1−β)·C)·x + b + s·B_l·A_l·x``.
+Adapters on other modules work as usual. PEFT first and VCON after works too, for targets that are not adapter layers
+or inside one. Saving (:func:`hf_vcon.save_merged`, ``VConTrainer.save_model()``) writes the compressed base model
+without the adapters, and the adapters in ``adapter/`` beside it; an adapter's update is not merged into a compressed
+layer, where C(W) + ΔW would no longer be compressed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import VConError
+
+ADAPTER_FOLDER = "adapter"
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel``."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def tuner_layer_type() -> Any:
+    """PEFT's ``BaseTunerLayer``, or ``None`` without PEFT."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    return BaseTunerLayer
+
+
+def adapter_layer_names(model: nn.Module) -> list[str]:
+    """The module names of PEFT's adapter layers in ``model``."""
+    tuner = tuner_layer_type()
+    return [] if tuner is None else [name for name, module in model.named_modules() if isinstance(module, tuner)]
+
+
+@functools.lru_cache(maxsize=None)
+def vcon_lora_class() -> type:
+    """PEFT's LoRA ``Linear`` over a :class:`~hf_vcon.layers.VConLinear`: its forward is the VCON blend plus the
+    adapter's update; PEFT's unloading stops at the VCON layer (it stays), and merging into it is refused."""
+    import inspect
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from .layers import VConLinear
+
+    takes_config = "config" in inspect.signature(LoraLinear.__init__).parameters  # PEFT >= 0.18
+
+    class VConLoraLinear(LoraLinear):
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
+            if kwargs.get("use_dora"):
+                raise VConError("use_dora=True normalises by the base layer's weight, which a VCON layer blends; "
+                                "use plain LoRA on VCON layers.")
+            if takes_config:
+                kwargs["config"] = config
+            super().__init__(base_layer, adapter_name, **kwargs)
+
+        def get_base_layer(self) -> nn.Module:
+            base = self.base_layer
+            while not isinstance(base, VConLinear) and hasattr(base, "base_layer"):
+                base = base.base_layer
+            return base
+
+        def merge(self, *args: Any, **kwargs: Any) -> None:
+            raise VConError(
+                "An adapter on a VCON layer cannot be merged into it: C(W) + ΔW would not be compressed, and folding "
+                "ΔW into the latent W would compress another weight than the one trained. Save the compressed base "
+                "and the adapter apart with hf_vcon.save_merged(model, folder) (the adapter goes to folder/adapter)."
+            )
+
+    return VConLoraLinear
+
+
+def get_peft_model(model: nn.Module, peft_config: Any, **kwargs: Any) -> nn.Module:
+    """``peft.get_peft_model`` that can put LoRA adapters on VCON layers (name them as usual: ``"query"``).
+
+    Args:
+        model: a model patched by :func:`hf_vcon.apply_vcon`.
+        peft_config: a ``peft.LoraConfig``.
+        kwargs: passed to ``peft.get_peft_model``.
+
+    Raises:
+        VConError: for another PEFT method than LoRA, or LoRA targets inside a VCON layer (``"query.base_layer"``).
+    """
+    import peft
+
+    from .layers import VConLinear
+
+    if not isinstance(peft_config, peft.LoraConfig):
+        raise VConError(f"hf_vcon.get_peft_model puts LoRA adapters on VCON layers; {type(peft_config).__name__} is "
+                        "not supported there (use peft.get_peft_model for adapters on other modules).")
+    peft_config._register_custom_module({VConLinear: vcon_lora_class()})
+    return peft.get_peft_model(model, peft_config, **kwargs)
+
+
+def check_not_inside_vcon(layer: nn.Module) -> None:
+    """Raise if an adapter sits inside a VCON layer (its base), where the blend would skip the adapter's update."""
+    tuner = tuner_layer_type()
+    if tuner is not None and isinstance(layer.base_layer, tuner):
+        raise VConError(
+            "A PEFT adapter sits inside a VCON layer (LoRA targeted its '.base_layer'), where the blend of weights "
+            "would skip the adapter once beta < 1. Put the adapter on the VCON layer itself: "
+            "hf_vcon.get_peft_model(model, LoraConfig(target_modules=[<the layer's name>]))."
+        )
+
+
+def without_adapters(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` of a model holding PEFT adapter layers as if they were not there: each adapter layer's
+    ``<name>.base_layer.<key>`` under ``<name>.<key>``, its adapter tensors dropped (they are saved apart)."""
+    roots = adapter_layer_names(model)
+    if not roots:
+        return state_dict
+    stripped = {}
+    for key, value in state_dict.items():
+        root = max((root for root in roots if key.startswith(f"{root}.")), key=len, default=None)
+        while root is not None:
+            rest = key[len(root) + 1:]
+            if not rest.startswith("base_layer."):
+                break  # an adapter's own tensor
+            key = f"{root}.{rest[len('base_layer.'):]}"
+            root = max((r for r in roots if key.startswith(f"{r}.") and len(r) < len(root)), key=len, default=None)
+        else:
+            stripped[key] = value
+    return stripped
