@@ -14,32 +14,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 
 from .errors import VConError
-
-ADAPTER_FOLDER = "adapter"
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel``."""
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
-
-
-def tuner_layer_type() -> Any:
-    """PEFT's ``BaseTunerLayer``, or ``None`` without PEFT."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return None
-    return BaseTunerLayer
-
-
-def adapter_layer_names(model: nn.Module) -> list[str]:
-    """The module names of PEFT's adapter layers in ``model``."""
-    tuner = tuner_layer_type()
-    return [] if tuner is None else [name for name, module in model.named_modules() if isinstance(module, tuner)]
+from .layers import VConLinear
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,8 +27,6 @@ def vcon_lora_class() -> type:
     import inspect
 
     from peft.tuners.lora import Linear as LoraLinear
-
-    from .layers import VConLinear
 
     takes_config = "config" in inspect.signature(LoraLinear.__init__).parameters  # PEFT >= 0.18
 
@@ -92,41 +68,8 @@ def get_peft_model(model: nn.Module, peft_config: Any, **kwargs: Any) -> nn.Modu
     """
     import peft
 
-    from .layers import VConLinear
-
     if not isinstance(peft_config, peft.LoraConfig):
         raise VConError(f"hf_vcon.get_peft_model puts LoRA adapters on VCON layers; {type(peft_config).__name__} is "
                         "not supported there (use peft.get_peft_model for adapters on other modules).")
     peft_config._register_custom_module({VConLinear: vcon_lora_class()})
     return peft.get_peft_model(model, peft_config, **kwargs)
-
-
-def check_not_inside_vcon(layer: nn.Module) -> None:
-    """Raise if an adapter sits inside a VCON layer (its base), where the blend would skip the adapter's update."""
-    tuner = tuner_layer_type()
-    if tuner is not None and isinstance(layer.base_layer, tuner):
-        raise VConError(
-            "A PEFT adapter sits inside a VCON layer (LoRA targeted its '.base_layer'), where the blend of weights "
-            "would skip the adapter once beta < 1. Put the adapter on the VCON layer itself: "
-            "hf_vcon.get_peft_model(model, LoraConfig(target_modules=[<the layer's name>]))."
-        )
-
-
-def without_adapters(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` of a model holding PEFT adapter layers as if they were not there: each adapter layer's
-    ``<name>.base_layer.<key>`` under ``<name>.<key>``, its adapter tensors dropped (they are saved apart)."""
-    roots = adapter_layer_names(model)
-    if not roots:
-        return state_dict
-    stripped = {}
-    for key, value in state_dict.items():
-        root = max((root for root in roots if key.startswith(f"{root}.")), key=len, default=None)
-        while root is not None:
-            rest = key[len(root) + 1:]
-            if not rest.startswith("base_layer."):
-                break  # an adapter's own tensor
-            key = f"{root}.{rest[len('base_layer.'):]}"
-            root = max((r for r in roots if key.startswith(f"{r}.") and len(r) < len(root)), key=len, default=None)
-        else:
-            stripped[key] = value
-    return stripped

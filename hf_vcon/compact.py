@@ -27,7 +27,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .adapters import ADAPTER_FOLDER, is_peft_model, without_adapters
+from .peft_layers import ADAPTER_FOLDER, is_peft_model, without_adapters
 from .model import check_finite
 from .state import VConState, replaced_keys, require_state, unwrap_model
 from .version import __version__

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .adapters import ADAPTER_FOLDER, is_peft_model, without_adapters
+from .peft_layers import ADAPTER_FOLDER, is_peft_model, without_adapters
 from .state import layer_tensors, replaced_keys, require_state, unwrap_model
 from .summary import VConSummary, vcon_summary
 

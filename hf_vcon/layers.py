@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import check_not_inside_vcon
+from .peft_layers import check_not_inside_vcon
 from .compressors import Compressor
 from .errors import VConError
 from .linears import LINEAR_TYPES, is_conv1d, linear_shape, linear_weight, stored_orientation, write_weight

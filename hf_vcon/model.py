@@ -15,7 +15,7 @@ from torch import nn
 
 from .blocks import BlockWise
 from .config import VConConfig
-from .adapters import is_peft_model
+from .peft_layers import is_peft_model
 from .errors import VConError
 from .layers import ForwardAudit, VConLinear
 from .layerwise import LayerWise

@@ -8,7 +8,7 @@ import warnings
 
 from torch import nn
 
-from .adapters import adapter_layer_names
+from .peft_layers import adapter_layer_names
 from .config import VConConfig
 from .errors import NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning
 from .linears import LINEAR_TYPES

@@ -17,7 +17,6 @@ from .errors import VConError
 
 if TYPE_CHECKING:
     from .config import VConConfig
-    from .layers import VConLinear
     from .settings import LayerSetting
 
 STATE_ATTRIBUTE = "vcon_state"
@@ -57,7 +56,7 @@ class Wrapped:
     plan: Plan
     holder_names: list[str]
     holders: list[nn.Module]
-    layers: list["VConLinear"]
+    layers: list[nn.Module]
 
 
 @dataclass
@@ -73,7 +72,7 @@ class VConState:
     config: "VConConfig"
     granularity: Granularity = field(repr=False)
     targeted_module_names: list[str]
-    layers: list["VConLinear"] = field(repr=False)
+    layers: list[nn.Module] = field(repr=False)
     settings: list["LayerSetting"] = field(repr=False)
     holder_names: list[str]
     holders: list[nn.Module] = field(repr=False)

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .adapters import adapter_layer_names
+from .peft_layers import adapter_layer_names
 from .linears import LINEAR_TYPES
 
 ALL_LINEAR = "all-linear"
