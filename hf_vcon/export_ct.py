@@ -21,6 +21,7 @@ import copy
 import importlib.util
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -127,9 +128,9 @@ def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str,
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format="pack-quantized")
     with _one_process():
         compressor.compress_model(plain)
-    plain.save_pretrained(output_dir, state_dict=_in_original_dtypes(plain.state_dict(), merged), **save_kwargs)
-    compressor.update_config(output_dir)
-    _tidy_config(output_dir, model.dtype)
+    _to_original_dtypes(plain, merged)
+    plain.config.quantization_config = _quantization_config_entry(compressor)
+    plain.save_pretrained(output_dir, **save_kwargs)  # config.json written once, with its quantization_config
 
 
 def _plain_model(model: nn.Module, merged: dict[str, torch.Tensor]) -> nn.Module:
@@ -199,35 +200,25 @@ def _one_process():
         model_compressor.is_distributed = original
 
 
-def _in_original_dtypes(compressed: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dense tensors back in the model's dtypes, each scale in its layer's (exact by construction); ties kept."""
-    casts: dict[tuple, torch.Tensor] = {}
-    result = {}
-    for key, tensor in compressed.items():
+def _to_original_dtypes(plain: nn.Module, merged: dict[str, torch.Tensor]) -> None:
+    """Dense tensors back in the model's dtypes and each scale in its layer's (exact by construction), in place."""
+    for key, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
         if key.endswith(".weight_scale"):
             dtype = merged[key[: -len("_scale")]].dtype
         elif key in merged and tensor.is_floating_point():
             dtype = merged[key].dtype
         else:
-            result[key] = tensor
             continue
-        identity = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), dtype)
-        if identity not in casts:
-            casts[identity] = tensor.to(dtype)
-        result[key] = casts[identity]
-    return result
+        if tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
 
 
-def _tidy_config(output_dir: str, dtype: torch.dtype) -> None:
-    """No ``sparsity_config`` (the library writes an empty one; vLLM ≥ 0.24 refuses checkpoints that have one) and the
-    model's own dtype (the copy that was compressed is float32)."""
-    path = os.path.join(output_dir, "config.json")
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    config["quantization_config"].pop("sparsity_config", None)
-    for key in ("dtype", "torch_dtype"):
-        if key in config:
-            config[key] = str(dtype).removeprefix("torch.")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+def _quantization_config_entry(compressor: Any) -> dict:
+    """``config.json``'s ``quantization_config`` as the library writes it (``update_config``), without the
+    ``sparsity_config`` entry that vLLM ≥ 0.24 refuses."""
+    with tempfile.TemporaryDirectory() as folder:
+        compressor.update_config(folder)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            entry = json.load(handle)["quantization_config"]
+    entry.pop("sparsity_config", None)
+    return entry

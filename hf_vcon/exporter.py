@@ -4,7 +4,9 @@
 - ``checkpoint-N`` folders stay the Trainer's own resumable state (dense weights plus VCON tensors), plus
   ``vcon_config.json``, so that resuming can check them against the model.
 - The final folder is the merged compressed model (plain ``from_pretrained`` loads it), ``vcon_config.json``, the
-  processing class, ``training_args.bin`` and a model card.
+  processing class, ``training_args.bin`` and a model card. Its format is ``export_format``
+  (:mod:`hf_vcon.export`): ``"auto"`` writes quantized models (``quant``, ``binary``) as compressed-tensors, the
+  others dense.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from .card import model_card
 from .errors import VConWarning
-from .export import save_merged
+from .export import AUTO, resolve_export_format, save_merged, stored_sizes
 from .state import require_state
 from .summary import VConSummary
 from .transitions import transition_of
@@ -55,32 +57,40 @@ def warn_if_unfinished(model: nn.Module, stacklevel: int = 3) -> None:
 
 
 def write_card(model: nn.Module, output_dir: str, summary: VConSummary, trainer_state: Any = None,
-               model_name: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
-    """``README.md`` in ``output_dir``: the model card, with Q resolved and metrics from the Trainer's state."""
-    config = require_state(model, "write_card").config
+               model_name: Optional[str] = None, tags: Optional[list[str]] = None,
+               export_format: Optional[str] = None) -> None:
+    """``README.md`` in ``output_dir``: the model card, with Q resolved, metrics from the Trainer's state and, when
+    the folder holds the weights, their format and measured sizes."""
+    state = require_state(model, "write_card")
+    config = state.config
     max_steps = getattr(trainer_state, "max_steps", None) or None
     known = isinstance(config.transition_steps, int) or max_steps
+    stored = stored_sizes(output_dir, state.targeted_module_names) if export_format else None
     card = model_card(model, summary, transition_steps=config.resolve_transition_steps(max_steps) if known else None,
                       metrics=latest_eval_metrics(getattr(trainer_state, "log_history", [])),
-                      model_name=model_name or os.path.basename(os.path.normpath(output_dir)), extra_tags=tags)
+                      model_name=model_name or os.path.basename(os.path.normpath(output_dir)), extra_tags=tags,
+                      export_format=export_format, stored_bytes=stored)
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
 
 
 def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, trainer_state: Any = None,
-               processing_class: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> VConSummary:
-    """Write the final folder of a run (the merged compressed model, its configs, processing class, card).
+               processing_class: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None,
+               format: str = AUTO) -> VConSummary:
+    """Write the final folder of a run (the merged compressed model in ``format``, its configs, processing class,
+    card).
 
     Call it on the process that saves; ``state_dict`` is the full state dict where modules hold shards.
     """
     warn_if_unfinished(model, stacklevel=4)
+    resolved = resolve_export_format(model, format)  # raises before anything is written
     os.makedirs(output_dir, exist_ok=True)
-    summary = save_merged(model, output_dir, state_dict=state_dict)
+    summary = save_merged(model, output_dir, state_dict=state_dict, format=resolved)
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
     if training_args is not None:
         torch.save(training_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-    write_card(model, output_dir, summary, trainer_state)
+    write_card(model, output_dir, summary, trainer_state, export_format=resolved)
     return summary
 
 

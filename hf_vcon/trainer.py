@@ -22,6 +22,7 @@ from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding, gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
+from .export import AUTO, check_export_format, resolve_export_format
 from .exporter import export_run, write_card, write_checkpoint_config
 from .model import apply_vcon, compressed_view, get_beta, release_dense_paths, set_step
 from .state import get_vcon_state, unwrap_model
@@ -48,13 +49,19 @@ class VConCallback(TrainerCallback):
         vcon_config: the configuration; may be omitted if the model was patched with :func:`hf_vcon.apply_vcon`.
         export_at_train_end: write the merged model to ``args.output_dir`` when training ends (on the saving
             process; not under FSDP / DeepSpeed, whose modules hold shards: use :class:`VConTrainer` there).
+        export_format: the merged model's format: ``"auto"`` (default: compressed-tensors for quantized models,
+            ``quant`` and ``binary``, when the model allows it and the package is installed; dense otherwise),
+            ``"dense"`` or ``"compressed-tensors"`` (see :mod:`hf_vcon.export`). Checked when the model is patched.
     """
 
-    def __init__(self, vcon_config: Optional[VConConfig] = None, *, export_at_train_end: bool = True) -> None:
+    def __init__(self, vcon_config: Optional[VConConfig] = None, *, export_at_train_end: bool = True,
+                 export_format: str = AUTO) -> None:
         if vcon_config is not None and not isinstance(vcon_config, VConConfig):
             raise TypeError(f"vcon_config must be a VConConfig, not {type(vcon_config).__name__}.")
+        check_export_format(export_format)
         self.vcon_config = vcon_config
         self.export_at_train_end = export_at_train_end
+        self.export_format = export_format
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
         self._summary_version: Optional[int] = None
@@ -77,6 +84,8 @@ class VConCallback(TrainerCallback):
             )
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
+        # An impossible format (a missing package, GPT-2's Conv1D) is an error now, not after training.
+        self.export_format = resolve_export_format(inner, self.export_format)
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
@@ -144,7 +153,7 @@ class VConCallback(TrainerCallback):
             )
             return
         export_run(self.model, args.output_dir, training_args=args, trainer_state=state,
-                   processing_class=processing_class or kwargs.get("tokenizer"))
+                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.export_format)
 
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:
@@ -177,6 +186,10 @@ class VConTrainer(Trainer):
             ``vcon_config`` may be omitted). A bad config raises here, before any training step.
         evaluate_compressed: while 0 < β, ``evaluate()`` also reports the compressed model (β = 0 for that
             evaluation only) under ``<prefix>_compressed_*``.
+        export_format: the format ``save_model()`` writes: ``"auto"`` (default: compressed-tensors for quantized
+            models, ``quant`` and ``binary``, when the model allows it and the package is installed; dense
+            otherwise), ``"dense"`` or ``"compressed-tensors"`` (see :mod:`hf_vcon.export`). An impossible choice
+            raises here.
 
     ``train()`` sets β from ``state.global_step`` in ``training_step``; ``save_model()`` writes the merged
     compressed model (plain ``from_pretrained`` loads it) with ``vcon_config.json`` and a model card, while the
@@ -191,11 +204,13 @@ class VConTrainer(Trainer):
         ```
     """
 
-    def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True,
+                 export_format: str = AUTO, **kwargs: Any):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("VConTrainer needs model=: model_init (hyperparameter search) is not supported.")
-        self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False)  # save_model() exports
+        # save_model() exports, in the format the callback resolves
+        self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False, export_format=export_format)
         self.vcon_callback.attach(model)
         self.evaluate_compressed = evaluate_compressed
         self._sharding_checked = False
@@ -208,6 +223,11 @@ class VConTrainer(Trainer):
     @property
     def vcon_config(self) -> VConConfig:
         return self.vcon_callback.vcon_config
+
+    @property
+    def export_format(self) -> str:
+        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved)."""
+        return self.vcon_callback.export_format
 
     def _prepare_distribution(self) -> None:
         """Refuse FSDP settings VCON cannot train under (ZeRO-3 is prepared in ``VConCallback.attach``)."""
@@ -263,7 +283,8 @@ class VConTrainer(Trainer):
         if self.args.should_save:
             self.vcon_summary = export_run(self.model, output_dir or self.args.output_dir, training_args=self.args,
                                            trainer_state=self.state, processing_class=self.processing_class,
-                                           state_dict=state_dict)
+                                           state_dict=state_dict, format=self.export_format)
+            self._exported_to = os.path.normpath(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
@@ -307,8 +328,10 @@ class VConTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
+        exported_here = getattr(self, "_exported_to", None) == os.path.normpath(self.args.output_dir)
         write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
-                   tags=[tags] if isinstance(tags, str) else tags)
+                   tags=[tags] if isinstance(tags, str) else tags,
+                   export_format=self.export_format if exported_here else None)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
         """Upload the merged compressed model folder (not the training checkpoints) with its model card."""
