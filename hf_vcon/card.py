@@ -64,7 +64,7 @@ def _format_lines(model: nn.Module, export_format: str, summary: VConSummary,
             "```python",
             "# pip install compressed-tensors",
             f"from transformers import {model_class}",
-            f'model = {model_class}.from_pretrained("<this repo or folder>", dtype="auto")  # transformers 4.x: torch_dtype="auto"',
+            f'model = {model_class}.from_pretrained("<this repo or folder>", dtype="auto")  # before transformers 4.56: torch_dtype="auto"',
             "```",
             "",
             "vLLM serves such checkpoints (`vllm serve <repo>`) with its weight-only kernels for 4 and 8 bits with "

@@ -29,7 +29,9 @@ pytest.importorskip("compressed_tensors")
 
 AUTO = {"bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification,
         "llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM}
-DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+# from_pretrained's dtype argument (transformers 4.x < 4.56 calls it torch_dtype; 4.x loads compressed-tensors
+# checkpoints as float16 unless it is given)
+DTYPE_KEY = "dtype" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
@@ -127,7 +129,8 @@ def test_a_bf16_model_round_trips_in_bf16(setting, tmp_path):
     assert {value.dtype for key, value in stored.items() if key.endswith("weight_scale")} == {torch.bfloat16}
     assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
     with open(os.path.join(tmp_path, "config.json"), encoding="utf-8") as handle:
-        assert json.load(handle)[DTYPE_KEY] == "bfloat16"
+        config = json.load(handle)
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     loaded = load("llama", tmp_path, dtype=torch.bfloat16)
     # against the dense checkpoint loaded the same way (a bf16 load keeps the rotary buffer in float32, .to() does not)
     dense = load("llama", tmp_path / "dense", dtype=torch.bfloat16)

@@ -14,7 +14,8 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_vcon import VConConfig, VConTrainer, vcon_summary
+from hf_vcon import VConConfig, VConError, VConTrainer, apply_vcon, vcon_summary
+from hf_vcon.export import resolve_export_format
 from hf_vcon.summary import human_bytes
 
 from .flags import UsageError, VConCommonArguments
@@ -74,13 +75,15 @@ class Task:
     predict: Optional[Callable[[Trainer], None]] = None  # --do_predict
 
 
-def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], task: Task, train: bool = True) -> Trainer:
-    """A plain ``Trainer`` for ``config=None`` (the dense reference), else a :class:`~hf_vcon.VConTrainer`."""
+def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], task: Task, train: bool = True,
+                 export_format: str = "auto") -> Trainer:
+    """A plain ``Trainer`` for ``config=None`` (the dense reference), else a :class:`~hf_vcon.VConTrainer` saving in
+    ``export_format``."""
     kwargs = dict(model=model, args=args, train_dataset=task.train_dataset if train else None,
                   eval_dataset=task.eval_datasets.get(""), **task.trainer_kwargs)
     if config is None:
         return Trainer(**kwargs)
-    return VConTrainer(vcon_config=config, **kwargs)
+    return VConTrainer(vcon_config=config, export_format=export_format, **kwargs)
 
 
 def _evaluate(trainer: Trainer, task: Task, split: str = "eval") -> dict[str, float]:
@@ -121,6 +124,9 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
     """Train, save, evaluate, predict and push as the transformers example scripts do; with ``--vcon_compare``, the
     three arms and their table. Returns the headline metrics."""
     config = vcon_args.to_vcon_config()
+    export_format = vcon_args.vcon_export_format
+    if config is not None and training_args.do_train:
+        check_export_format(task, config, export_format)  # before any arm trains
     if not training_args.do_train:
         logger.warning("No --do_train: evaluating the model as loaded (for example a merged VCON model), uncompressed.")
         trainer = make_trainer(task.build_model(), training_args, None, task, train=False)
@@ -132,7 +138,7 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
         if vcon_args.vcon_compare:
             logger.warning("--vcon_method none: no compression to compare; running the dense fine-tune only.")
         set_seed(training_args.seed)
-        trainer = make_trainer(task.build_model(), training_args, config, task)
+        trainer = make_trainer(task.build_model(), training_args, config, task, export_format=export_format)
         _train(trainer, task, checkpoint)
         metrics = _evaluate(trainer, task) if training_args.do_eval else {}
         if training_args.do_predict and task.predict:
@@ -141,10 +147,10 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
         if config is not None and training_args.should_save:
             print(f"\nSaved the merged {config.method} model to {os.path.abspath(training_args.output_dir)}")
         return metrics
-    return compare(task, training_args, config)
+    return compare(task, training_args, config, export_format)
 
 
-def compare(task: Task, training_args: TrainingArguments, config: VConConfig) -> dict:
+def compare(task: Task, training_args: TrainingArguments, config: VConConfig, export_format: str = "auto") -> dict:
     """Dense fine-tune, then post-shot (Q = 0) and VCON each from the dense fine-tuned weights; print the table.
 
     The dense and post-shot models go to ``<output_dir>/dense`` and ``<output_dir>/post-shot``; the VCON model (the
@@ -171,13 +177,14 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
 
     logger.warning("*** Arm 2/3: post-shot (compress at once, then fine-tune) ***")
     post_config = dataclasses.replace(config, transition_steps=0)
-    post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot")), post_config, task)
+    post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot")), post_config, task,
+                        export_format=export_format)
     _train(post, task)
     results["post-shot"] = _evaluate(post, task)
     del post
 
     logger.warning("*** Arm 3/3: VCON (β from 1 to 0 over the transition, then fine-tune) ***")
-    vcon = make_trainer(from_dense(), training_args, config, task)
+    vcon = make_trainer(from_dense(), training_args, config, task, export_format=export_format)
     _train(vcon, task)
     results["VCON"] = _evaluate(vcon, task)
     if training_args.do_predict and task.predict:
@@ -191,7 +198,8 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
                            model_bytes_before=dense_bytes, model_bytes_after=model_after,
                            transition_steps=q, max_steps=vcon.state.max_steps)
     vcon.save_metrics("compare", compare_metrics)
-    table = comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, vcon.state.max_steps)
+    table = comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, vcon.state.max_steps,
+                             vcon.export_format)
     if training_args.should_save:
         with open(os.path.join(out, "compare_results.md"), "w", encoding="utf-8") as handle:
             handle.write(table + "\n")
@@ -202,7 +210,18 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig) ->
     return compare_metrics
 
 
-def comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, max_steps) -> str:
+def check_export_format(task: Task, config: VConConfig, export_format: str) -> None:
+    """Raise a :class:`UsageError` now if ``--vcon_export_format compressed-tensors`` cannot write this model."""
+    if export_format != "compressed-tensors":
+        return
+    try:
+        resolve_export_format(apply_vcon(task.build_model(), config), export_format)
+    except VConError as error:
+        raise UsageError(f"argument --vcon_export_format: {error}") from None
+
+
+def comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, max_steps,
+                     export_format: str = "dense") -> str:
     setting = ", ".join(summary.settings)
     lines = [
         f"VCON comparison: {task.description}; {config.method} ({setting}) on {len(summary.layers)} Linear layers; "
@@ -221,8 +240,10 @@ def comparison_table(task, config, summary, results, key, dense_bytes, model_aft
                      f"{human_bytes(dense_bytes)} → {human_bytes(model_after)}")
         lines.append(f"| {arm} | {value_text} | {sizes} |")
     lines.append("")
-    lines.append("Sizes are the compact encoding (zeros skipped, packed bits, low-rank factors); the saved merged model "
-                 "is stored dense so that plain from_pretrained loads it.")
+    stored = ("as compressed-tensors (packed integers; from_pretrained loads it with the compressed-tensors package)"
+              if export_format == "compressed-tensors" else "dense so that plain from_pretrained loads it")
+    lines.append(f"Sizes are the compact encoding (zeros skipped, packed bits, low-rank factors); the saved merged model "
+                 f"is stored {stored}.")
     return "\n".join(lines)
 
 
