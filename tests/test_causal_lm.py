@@ -59,7 +59,8 @@ def test_clm_script_trains_reports_perplexity_and_saves_compressed_tensors(text_
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert math.isfinite(loss.item()) and loss.item() < math.log(len(tokenizer)) + 1.0
-    assert "`format: pack-quantized`" in open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "`format: pack-quantized`" in card and "| eval_perplexity |" in card
 
 
 def test_the_offline_corpus_is_real_english_split_by_document():

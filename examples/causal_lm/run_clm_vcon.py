@@ -147,8 +147,12 @@ class PerplexityCallback(TrainerCallback):
     """Adds ``<prefix>_perplexity = exp(<prefix>_loss)`` to every evaluation's metrics, as run_clm.py reports it."""
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        for key in [key for key in (metrics or {}) if key.endswith("_loss")]:
-            metrics[key[: -len("loss")] + "perplexity"] = math.exp(min(metrics[key], 700.0))
+        added = {key[: -len("loss")] + "perplexity": math.exp(min(value, 700.0))
+                 for key, value in (metrics or {}).items() if key.endswith("_loss")}
+        metrics.update(added)
+        last = state.log_history[-1] if state.log_history else {}
+        if any(key[: -len("perplexity")] + "loss" in last for key in added):
+            last.update(added)  # the evaluation's log entry too, so the model card shows it
 
 
 def with_recipe(argv: list[str]) -> list[str]:
