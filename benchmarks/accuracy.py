@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--group_size", type=int, help="quant: inputs per scale with strategy group (task default)")
     parser.add_argument("--clip_search", action="store_true", help="quant: least-squares clipping instead of absmax")
     parser.add_argument("--eval_batch_size", type=int)
+    parser.add_argument("--arms", default="", help="comma list: run only these arms (post-shot, vcon, gmp, ptq)")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
     parser.add_argument("--text_test", type=int, default=500, help="test snippets (the final numbers)")
@@ -266,6 +267,8 @@ def main(argv=None) -> None:
             for method, arm, q, options in plan:
                 if arm == "ptq" and seed != seeds[0]:
                     continue  # deterministic: one run
+                if args.arms and arm not in args.arms.split(","):
+                    continue
                 probe = {"task": task_name, "method": method, "arm": arm, "q": q, "seed": seed,
                          "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
                          "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options}

@@ -106,7 +106,7 @@ class Quantizer(WeightCompressor):
     def _codes(self, blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """clamp(round(W/s)) as float32 ``(rows, blocks, size)`` (round half to even, as compressed-tensors)."""
         low, high = self.scheme.code_range
-        return torch.div(blocks.float(), scale).round_().clamp_(low, high)
+        return torch.div(blocks, scale).round_().clamp_(low, high)  # a float32 scale: computed in float32
 
     def _compressed(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         compressed = self._codes(self._blocks(weight), scale).mul_(scale)
@@ -119,7 +119,7 @@ class Quantizer(WeightCompressor):
         return self.scale(weight)  # a frozen state fixes the scales; the codes follow W
 
     def blend(self, weight, state, beta):
-        blended = self._compressed(weight, state)  # the one full-size result (plus a float32 one for 16-bit W)
+        blended = self._compressed(weight, state)  # the one full-size result (a float32 one first for 16-bit W)
         if beta:
             blended.mul_(1.0 - beta).add_(weight, alpha=beta)
         return blended
