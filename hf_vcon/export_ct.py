@@ -139,8 +139,10 @@ def _plain_model(model: nn.Module, merged: dict[str, torch.Tensor]) -> nn.Module
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
+    # FSDP2 swaps the model's class for an "FSDP<name>" subclass: build the architecture itself
+    model_class = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
     with no_init_weights():
-        plain = type(model)(copy.deepcopy(model.config))
+        plain = model_class(copy.deepcopy(model.config))
     plain = plain.to(device="cpu", dtype=torch.float32)
     try:
         plain.load_state_dict(merged, strict=True)
