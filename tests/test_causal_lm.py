@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -77,7 +78,15 @@ def test_the_offline_corpus_is_real_english_split_by_document():
     assert set(train).isdisjoint(validation)
 
 
-def test_vcon_callback_in_trl_sft_trainer(tmp_path):
+@pytest.fixture
+def environment_restored():
+    """SFTConfig turns bf16 on where it can, which sets ACCELERATE_MIXED_PRECISION for the whole process (and every
+    later Trainer or launch in it): put the environment back afterwards."""
+    with mock.patch.dict(os.environ):
+        yield
+
+
+def test_vcon_callback_in_trl_sft_trainer(tmp_path, environment_restored):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
