@@ -68,20 +68,24 @@ class Quantizer(WeightCompressor):
 
     # ------------------------------------------------------------------------------------------ the maths
     def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
-        """W as ``(rows, blocks, size)``: every run along the last axis shares one scale."""
+        """W with each scale's block along the reduced dimensions (:meth:`_block_dims`): W itself for the tensor and
+        channel strategies (a view, even of a transposed Conv1D weight), ``(out, in/group_size, group_size)`` for group."""
+        if self.options.strategy != "group":
+            return weight
         out_features, in_features = weight.shape
-        if self.options.strategy == "tensor":
-            return weight.reshape(1, 1, -1)
-        if self.options.strategy == "channel":
-            return weight.reshape(out_features, 1, in_features)
         return weight.reshape(out_features, in_features // self.options.group_size, self.options.group_size)
 
+    def _block_dims(self) -> tuple[int, ...]:
+        return (-2, -1) if self.options.strategy == "tensor" else (-1,)
+
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """s, float32 ``(rows, blocks, 1)``, exact in W's dtype (an all-zero block gets 1: its codes are 0)."""
+        """s, float32, broadcastable against :meth:`_blocks`; exact in W's dtype (an all-zero block gets 1: its codes
+        are 0)."""
         weight = weight.detach()
-        absmax = torch.linalg.vector_norm(self._blocks(weight), ord=math.inf, dim=-1, keepdim=True).float()
+        blocks = self._blocks(weight)
+        absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=self._block_dims(), keepdim=True).float()
         if self.options.clip_search:
-            return self._searched_scale(weight, absmax)
+            return self._searched_scale(blocks, absmax)
         return self._representable(absmax / self.scheme.code_range[1], weight.dtype)
 
     @staticmethod
@@ -89,13 +93,12 @@ class Quantizer(WeightCompressor):
         scale = scale.to(dtype).float()
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-    def _searched_scale(self, weight: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    def _searched_scale(self, blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         """Per block, the candidate scale r·absmax/qmax (r in :data:`CLIP_RATIOS`) with the least ‖W − C‖²."""
-        blocks = self._blocks(weight).float()
         best_scale, best_error = None, None
         for ratio in CLIP_RATIOS:
-            scale = self._representable(absmax * (ratio / self.scheme.code_range[1]), weight.dtype)
-            error = self._codes(blocks, scale).mul_(scale).sub_(blocks).square_().sum(dim=-1, keepdim=True)
+            scale = self._representable(absmax * (ratio / self.scheme.code_range[1]), blocks.dtype)
+            error = self._codes(blocks, scale).mul_(scale).sub_(blocks).square_().sum(dim=self._block_dims(), keepdim=True)
             if best_scale is None:
                 best_scale, best_error = scale, error
             else:
