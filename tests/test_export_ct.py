@@ -212,12 +212,13 @@ def test_without_the_package_a_clear_error_names_the_extra(monkeypatch, tmp_path
 def test_trainer_saves_compressed_tensors_by_default_with_its_card(tmp_path):
     model = build("bert").train()
     args = transformers.TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
-                                          use_cpu=True, save_strategy="no", learning_rate=1e-3)
+                                          use_cpu=True, save_strategy="no", learning_rate=1e-3, logging_steps=1)
     trainer = VConTrainer(model=model, args=args, train_dataset=TinyTextDataset(16),
                           vcon_config=VConConfig(method="quant", bits=4, strategy="group", group_size=16,
                                                  transition_steps=2))
     assert trainer.export_format == "compressed-tensors"
     trainer.train()
+    assert {entry.get("vcon/bits") for entry in trainer.state.log_history if "loss" in entry} == {4.0}
     trainer.save_model()
     trainer.create_model_card()
     card = (tmp_path / "README.md").read_text()
