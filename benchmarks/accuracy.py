@@ -294,7 +294,8 @@ def main(argv=None) -> None:
                       f"AdamW lr {args.lr} ({args.lr_scheduler}), Q = {args.transition:g} of the run ({args.schedule} "
                       f"β); group size {args.group_size}{', clip search' if args.clip_search else ''}; seeds "
                       f"{','.join(str(seed) for seed in sorted({r['seed'] for r in quant}))}")
-            write_quant_table(quant, dense_accuracy, args.out, task_name, header, task.metric)
+            name = f"{args.steps} steps lr {args.lr:g}{' clip search' if args.clip_search else ''}"
+            write_quant_table(quant, dense_accuracy, args.out, task_name, header, task.metric, name)
         if not records:
             continue
         header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "

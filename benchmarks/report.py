@@ -91,8 +91,11 @@ def _gain(vcon: dict, base: dict, metric: str) -> str:
     return f"{'+' if np.mean(gains) >= 0 else ''}{np.mean(gains):.2f}{spread}{wins}"
 
 
-def write_quant_table(records: list[dict], dense: float, out: str, task: str, header: str, metric: str) -> None:
-    """One row per quantization setting: dense, PTQ (no training), post-shot, VCON, and VCON's paired gains."""
+def write_quant_table(records: list[dict], dense: float, out: str, task: str, header: str, metric: str,
+                      name: str = "") -> None:
+    """One row per quantization setting: dense, PTQ (no training), post-shot, VCON, and VCON's paired gains.
+
+    ``name`` tells budgets apart (steps, learning rate, clipping): it keys the Markdown section."""
     runs = defaultdict(dict)  # (setting, arm) -> {seed: value}
     for record in records:
         runs[(_quant_label(record), record["arm"])][record["seed"]] = record.get("test_metric", record.get("test_accuracy"))
@@ -109,7 +112,7 @@ def write_quant_table(records: list[dict], dense: float, out: str, task: str, he
         ptq_all = {seed: next(iter(ptq.values())) for seed in vcon} if ptq else {}
         lines.append(f"| {setting} | {dense_text} | {_values(ptq, metric, deterministic=True)} | {_values(post, metric)} | "
                      f"{_values(vcon, metric)} | {_gain(vcon, post, metric)} | {_gain(vcon, ptq_all, metric)} |")
-    _section(os.path.join(out, "accuracy.md"), f"quant {task}", "\n".join(lines) + "\n")
+    _section(os.path.join(out, "accuracy.md"), f"quant {task} {name}".rstrip(), "\n".join(lines) + "\n")
 
 
 def plot_curves(records: list[dict], out: str, task: str, dense: float) -> None:
