@@ -223,19 +223,89 @@ def run_key(record: dict) -> tuple:
             None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    hf_logging.set_verbosity_error()
-    results_path = os.path.join(args.out, "results.jsonl")
+def read_runs(results_path: str) -> dict:
     done = {}
     if os.path.exists(results_path):
         with open(results_path) as handle:
             for line in handle:
                 record = json.loads(line)
                 done[run_key(record)] = record
+    return done
+
+
+def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
+    """``(method, arm, q, options)`` of every run a seed gets."""
+    plan = []
+    for method in methods:
+        for options in compression_settings(method, args):
+            if sweep:
+                plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
+                continue
+            plan += [(method, "post-shot", 0.0, options), (method, "vcon", args.transition, options)]
+            if method == "prune" and not args.no_gmp:
+                plan.append((method, "gmp", args.transition, options))
+            if method == "quant":
+                plan.append((method, "ptq", 0.0, options))
+    return [entry for entry in plan if not args.arms or entry[1] in args.arms.split(",")]
+
+
+def run_plan(task, plan: list[tuple], seeds: list[int], done: dict, dense: tuple, args, results_path: str) -> list[dict]:
+    """Every run of the plan for every seed (PTQ, deterministic, for the first only), reusing recorded ones."""
+    state_dict, dense_accuracy = dense
+    records = []
+    for seed in seeds:
+        for method, arm, q, options in plan:
+            if arm == "ptq" and seed != seeds[0]:
+                continue
+            probe = {"task": task.name, "method": method, "arm": arm, "q": q, "seed": seed,
+                     "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
+                     "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options}
+            record = done.get(run_key(probe))
+            if record is None and args.report_only:
+                continue
+            if record is None:
+                record = run_arm(task, state_dict, method, arm, q, seed, args, vcon_options(options))
+                record.update(options, dense_accuracy=dense_accuracy)
+                with open(results_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                print(f"[{task.name}] {method:8s} {arm:9s} Q={q:<5} seed {seed} {vcon_options(options)}: "
+                      f"{record.get('test_metric', record.get('test_accuracy')):.4f} ({record['train_seconds']} s)",
+                      flush=True)
+            records.append(record)
+    return records
+
+
+def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
+    dense_accuracy = records[0]["dense_accuracy"]
+    seeds_of = lambda runs: ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))  # noqa: E731
+    quant = [record for record in records if record["method"] == "quant"]
+    records = [record for record in records if record["method"] != "quant"]
+    if quant:
+        clip = " clip search" if args.clip_search else ""
+        header = (f"{task.description}; every trained arm {args.steps} optimizer steps, batch {args.batch_size}, "
+                  f"AdamW lr {args.lr} ({args.lr_scheduler}), Q = {args.transition:g} of the run ({args.schedule} "
+                  f"β); group size {args.group_size}{clip.replace(' ', ', ', 1)}; seeds {seeds_of(quant)}")
+        write_quant_table(quant, dense_accuracy, args.out, task.name, header, task.metric,
+                          f"{args.steps} steps lr {args.lr:g}{clip}")
+    if not records:
+        return
+    header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
+              f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
+              f"lowrank rank_ratio {args.rank_ratio:.4g}, seeds {seeds_of(records)}")
+    if sweep:
+        name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
+        write_q_sweep(records, dense_accuracy, args.out, task.name, header + f"; {args.schedule} β", name)
+    else:
+        write_table(records, dense_accuracy, args.out, task.name, header, args.transition, args.schedule)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = read_runs(results_path)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    methods = args.methods.split(",")
     sweep = [float(q) for q in args.q_sweep.split(",")] if args.q_sweep else []
     base = {key: getattr(args, key) for key in DEFAULTS["vision"]}
     if args.regimes:
@@ -250,63 +320,10 @@ def main(argv=None) -> None:
                                          "n_test": args.text_test, "n_validation": args.text_validation,
                                          "max_length": args.text_max_length} if task_name == "text" else {}))
         print(f"[{task_name}] {task.description}", flush=True)
-        state_dict, dense_accuracy = (None, None) if args.report_only else dense_model(task, args)
-        plan = []
-        for method in methods:
-            for options in compression_settings(method, args):
-                if sweep:
-                    plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
-                else:
-                    plan += [(method, "post-shot", 0.0, options), (method, "vcon", args.transition, options)]
-                    if method == "prune" and not args.no_gmp:
-                        plan.append((method, "gmp", args.transition, options))
-                    if method == "quant":
-                        plan.append((method, "ptq", 0.0, options))
-        records = []
-        for seed in seeds:
-            for method, arm, q, options in plan:
-                if arm == "ptq" and seed != seeds[0]:
-                    continue  # deterministic: one run
-                if args.arms and arm not in args.arms.split(","):
-                    continue
-                probe = {"task": task_name, "method": method, "arm": arm, "q": q, "seed": seed,
-                         "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-                         "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options}
-                record = done.get(run_key(probe))
-                if record is None and args.report_only:
-                    continue
-                if record is None:
-                    record = run_arm(task, state_dict, method, arm, q, seed, args, vcon_options(options))
-                    record.update({key: value for key, value in options.items()}, dense_accuracy=dense_accuracy)
-                    with open(results_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    print(f"[{task_name}] {method:8s} {arm:9s} Q={q:<5} seed {seed} {vcon_options(options)}: "
-                          f"{record.get('test_metric', record.get('test_accuracy')):.4f} ({record['train_seconds']} s)",
-                          flush=True)
-                records.append(record)
-        if not records:
-            continue
-        dense_accuracy = records[0]["dense_accuracy"]
-        quant = [record for record in records if record["method"] == "quant"]
-        records = [record for record in records if record["method"] != "quant"]
-        if quant:
-            header = (f"{task.description}; every trained arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                      f"AdamW lr {args.lr} ({args.lr_scheduler}), Q = {args.transition:g} of the run ({args.schedule} "
-                      f"β); group size {args.group_size}{', clip search' if args.clip_search else ''}; seeds "
-                      f"{','.join(str(seed) for seed in sorted({r['seed'] for r in quant}))}")
-            name = f"{args.steps} steps lr {args.lr:g}{' clip search' if args.clip_search else ''}"
-            write_quant_table(quant, dense_accuracy, args.out, task_name, header, task.metric, name)
-        if not records:
-            continue
-        header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                  f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
-                  f"lowrank rank_ratio {args.rank_ratio:.4g}, "
-                  f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
-        if sweep:
-            name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
-            write_q_sweep(records, dense_accuracy, args.out, task_name, header + f"; {args.schedule} β", name)
-        else:
-            write_table(records, dense_accuracy, args.out, task_name, header, args.transition, args.schedule)
+        dense = (None, None) if args.report_only else dense_model(task, args)
+        records = run_plan(task, make_plan(args.methods.split(","), sweep, args), seeds, done, dense, args, results_path)
+        if records:
+            write_reports(task, records, sweep, args)
 
 
 if __name__ == "__main__":
