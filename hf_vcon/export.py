@@ -87,8 +87,8 @@ def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: 
     problems = export_ct.blockers(inner, state)
     if export_format == COMPRESSED_TENSORS:
         if problems:
-            raise VConError(f"export_format='{COMPRESSED_TENSORS}' cannot write this model: "
-                                      f"{'; '.join(problems)}. Use export_format='dense'.")
+            raise VConError(f"export_format='{COMPRESSED_TENSORS}' cannot write this model: {'; '.join(problems)}. "
+                            "Use export_format='dense'.")
         export_ct.require_library()
         return COMPRESSED_TENSORS
     if problems:
@@ -142,6 +142,7 @@ def save_merged(
         >>> json.load(open(os.path.join(folder, "config.json")))["quantization_config"]["format"]
         'pack-quantized'
     """
+    check_export_format(format, "format")
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
     resolved = resolve_export_format(inner, format)
