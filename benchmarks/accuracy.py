@@ -1,11 +1,16 @@
-"""Accuracy evidence: post-shot vs VCON vs gradual magnitude pruning (GMP), on real data, in one command.
+"""Accuracy evidence: post-shot vs VCON vs gradual magnitude pruning (GMP) or round-to-nearest quantization without
+fine-tuning (PTQ), on real data, in one command.
 
 For each task and method, every arm starts from the same dense trained model and fine-tunes the compressed model
 with the same data, budget (optimizer steps), learning rate schedule and seeds; only the transition differs:
 
 - ``post-shot``: ``transition_steps=0`` (compress at once, then fine-tune);
 - ``vcon``:      ``transition_steps=Q`` (β from 1 to 0 over Q steps, then fine-tune the compressed model);
-- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³).
+- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³);
+- ``ptq``:       quant only, the dense model quantized (round to nearest, absmax scales) with no training at all.
+
+``--methods quant`` runs each of ``--quant_settings`` (bits:strategy) as a method of its own. The ``clm`` task reports
+perplexity (lower is better) instead of accuracy.
 
 The final number of every arm is the test accuracy of the compressed model (β = 0, full compression) after the
 last step; there is no early stopping or checkpoint selection. Outputs in ``--out``: ``results.jsonl`` (one line per
@@ -17,6 +22,7 @@ Examples (CPU, offline):
     python benchmarks/accuracy.py                                  # both tasks, 3 methods, 3 seeds
     python benchmarks/accuracy.py --task vision --q_sweep 0,0.1,0.2,0.4,0.6,0.8 --methods prune
     python benchmarks/accuracy.py --task text --steps 2000 --dense_steps 3000 --text_train 0   # larger, e.g. on a GPU
+    python benchmarks/accuracy.py --task clm,vision --methods quant --seeds 0,1,2       # PTQ / post-shot / VCON
 """
 
 from __future__ import annotations
@@ -38,16 +44,21 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_vcon import VConConfig, VConTrainer  # noqa: E402
-from report import plot_regimes, write_q_sweep, write_table  # noqa: E402
+from hf_vcon import VConConfig, VConTrainer, apply_vcon, set_beta  # noqa: E402
+from report import plot_regimes, write_q_sweep, write_quant_table, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
 DEFAULTS = {
-    "vision": dict(steps=100, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=10),
-    "text": dict(steps=300, dense_steps=300, lr=2e-4, dense_lr=5e-5, batch_size=16, eval_every=50),
+    "vision": dict(steps=100, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=10, group_size=32,
+                   eval_batch_size=256),
+    "text": dict(steps=300, dense_steps=300, lr=2e-4, dense_lr=5e-5, batch_size=16, eval_every=50, group_size=128,
+                 eval_batch_size=256),
+    "clm": dict(steps=150, dense_steps=1000, lr=5e-4, dense_lr=2e-3, batch_size=16, eval_every=25, group_size=128,
+                eval_batch_size=32),
 }
-METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio"}
+METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio", "quant": None}
+QUANT_KEYS = ("bits", "strategy", "group_size", "clip_search")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_every", type=int, help="steps between the evaluations drawn as curves")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--rank_ratio", type=float, default=1 / 12, help="lowrank r / min(in, out) (paper: 16/192)")
+    parser.add_argument("--quant_settings", default="4:channel,4:group,3:channel,3:group,2:channel,2:group",
+                        help="quant: comma list of bits:strategy, each a method of its own")
+    parser.add_argument("--group_size", type=int, help="quant: inputs per scale with strategy group (task default)")
+    parser.add_argument("--clip_search", action="store_true", help="quant: least-squares clipping instead of absmax")
+    parser.add_argument("--eval_batch_size", type=int)
+    parser.add_argument("--arms", default="", help="comma list: run only these arms (post-shot, vcon, gmp, ptq)")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
     parser.add_argument("--text_test", type=int, default=500, help="test snippets (the final numbers)")
@@ -88,10 +105,19 @@ def accuracy(prediction) -> dict:
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
+def metric_of(metrics: dict, prefix: str, metric: str) -> float:
+    """The task's metric from a Trainer's metrics: ``<prefix>_accuracy``, or perplexity = exp(``<prefix>_loss``)."""
+    return metrics[f"{prefix}_accuracy"] if metric == "accuracy" else float(np.exp(metrics[f"{prefix}_loss"]))
+
+
+def compute_metrics_of(task):
+    return accuracy if task.metric == "accuracy" else None
+
+
 def training_args(out: str, steps: int, lr: float, args, seed: int, eval_every: int) -> TrainingArguments:
     return TrainingArguments(
         out, max_steps=steps, learning_rate=lr, lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, weight_decay=0.01,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size, weight_decay=0.01,
         eval_strategy="steps" if eval_every else "no", eval_steps=eval_every or None, logging_steps=eval_every or 50,
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True, dataloader_num_workers=0,
@@ -108,69 +134,169 @@ def dense_model(task, args) -> tuple[dict, float]:
     model = task.build_model()
     trainer = Trainer(model=model, args=training_args(os.path.join(args.out, "tmp"), args.dense_steps, args.dense_lr,
                                                       args, 0, 0),
-                      train_dataset=task.train, data_collator=task.collator, compute_metrics=accuracy)
+                      train_dataset=task.train, data_collator=task.collator, compute_metrics=compute_metrics_of(task))
     trainer.train()
-    test_accuracy = trainer.evaluate(task.test)["eval_accuracy"]
+    test_accuracy = metric_of(trainer.evaluate(task.test), "eval", task.metric)
     state_dict = {key: value.detach().clone() for key, value in model.state_dict().items()}
     torch.save({"state_dict": state_dict, "test_accuracy": test_accuracy}, path)
-    print(f"[{task.name}] dense: test accuracy {test_accuracy:.4f}", flush=True)
+    print(f"[{task.name}] dense: test {task.metric} {test_accuracy:.4f}", flush=True)
     return state_dict, test_accuracy
 
 
-def vcon_config(method: str, arm: str, q: float, args) -> VConConfig:
-    options = compression_setting(method, args)
-    if arm == "post-shot":
+def vcon_config(method: str, arm: str, q: float, args, options: dict) -> VConConfig:
+    if arm in ("post-shot", "ptq"):
         return VConConfig(method=method, transition_steps=0, **options)
     if arm == "gmp":
         return VConConfig(method=method, transition="gmp", transition_steps=q, **options)
     return VConConfig(method=method, transition_steps=q, schedule=args.schedule, **options)
 
 
-def curve(history: list[dict]) -> list[dict]:
-    """(step, compressed-model accuracy, β, sparsity) at every evaluation during training."""
+def curve(history: list[dict], metric: str = "accuracy") -> list[dict]:
+    """(step, compressed-model metric, β, sparsity) at every evaluation during training (key ``accuracy`` holds the
+    task's metric)."""
     points = []
+    name = "accuracy" if metric == "accuracy" else "loss"
     for entry in history:
-        if "eval_accuracy" not in entry:
+        if f"eval_{name}" not in entry:
             continue
-        compressed = entry.get("eval_compressed_accuracy", entry["eval_accuracy"])  # β = 0: the eval itself
-        points.append({"step": entry["step"], "accuracy": compressed, "blended_accuracy": entry["eval_accuracy"],
+        compressed = "eval_compressed" if f"eval_compressed_{name}" in entry else "eval"  # β = 0: the eval itself
+        points.append({"step": entry["step"], "accuracy": metric_of(entry, compressed, metric),
+                       "blended_accuracy": metric_of(entry, "eval", metric),
                        "beta": entry.get("vcon/beta"), "sparsity": entry.get("vcon/sparsity")})
     return points
 
 
-def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args) -> dict:
+def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, options: dict) -> dict:
     torch.manual_seed(seed)
     model = task.build_model()
     model.load_state_dict(state_dict)
-    config = vcon_config(method, arm, q, args)
-    trainer = VConTrainer(model=model, args=training_args(os.path.join(args.out, "tmp"), args.steps, args.lr, args,
-                                                          seed, args.eval_every),
-                          vcon_config=config, train_dataset=task.train, eval_dataset=task.validation,
-                          data_collator=task.collator, compute_metrics=accuracy)
+    config = vcon_config(method, arm, q, args, options)
+    arguments = training_args(os.path.join(args.out, "tmp"), args.steps, args.lr, args, seed, args.eval_every)
     start = time.time()
-    trainer.train()
+    if arm == "ptq":  # no training: the dense model, quantized
+        trainer = Trainer(model=apply_vcon(model, config), args=arguments, eval_dataset=task.validation,
+                          data_collator=task.collator, compute_metrics=compute_metrics_of(task))
+        set_beta(trainer.model, 0.0)
+        final_beta, history = 0.0, []
+    else:
+        trainer = VConTrainer(model=model, args=arguments, vcon_config=config, train_dataset=task.train,
+                              eval_dataset=task.validation, data_collator=task.collator,
+                              compute_metrics=compute_metrics_of(task))
+        trainer.train()
+        trainer.evaluate_compressed = False  # β = 0 now: the evaluation is the compressed model
+        final_beta, history = trainer.vcon_callback.log_values()["vcon/beta"], trainer.state.log_history
     seconds = time.time() - start
-    trainer.evaluate_compressed = False  # β = 0 now: the evaluation is the compressed model
-    final = trainer.evaluate(task.test, metric_key_prefix="test")
-    return {"task": task.name, "method": method, "arm": arm, "q": q if arm != "post-shot" else 0.0, "seed": seed,
-            "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-            "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
-            **compression_setting(method, args),
-            "test_accuracy": final["test_accuracy"], "final_beta": trainer.vcon_callback.log_values()["vcon/beta"],
-            "train_seconds": round(seconds, 1), "curve": curve(trainer.state.log_history)}
+    final = metric_of(trainer.evaluate(task.test, metric_key_prefix="test"), "test", task.metric)
+    record = {"task": task.name, "method": method, "arm": arm, "q": q if arm == "vcon" or arm == "gmp" else 0.0,
+              "seed": seed, "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
+              "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag, **options,
+              "metric": task.metric, "test_metric": final, "final_beta": final_beta,
+              "train_seconds": round(seconds, 1), "curve": curve(history, task.metric)}
+    if task.metric == "accuracy":
+        record["test_accuracy"] = final
+    return record
 
 
-def compression_setting(method: str, args) -> dict:
-    """The flag that sets how hard ``method`` compresses (kept with every run, part of its key)."""
+def compression_settings(method: str, args) -> list[dict]:
+    """The options that set how hard ``method`` compresses, one dict per setting (kept with every run, part of its
+    key): prune's sparsity, lowrank's rank_ratio, one per ``--quant_settings`` entry for quant."""
+    if method == "quant":
+        settings = []
+        for item in args.quant_settings.split(","):
+            bits, strategy = item.split(":")
+            settings.append({"bits": int(bits), "strategy": strategy,
+                             "group_size": args.group_size if strategy == "group" else None,
+                             "clip_search": args.clip_search})
+        return settings
     flag = METHOD_SETTINGS[method]
-    return {flag: getattr(args, flag)} if flag else {}
+    return [{flag: getattr(args, flag)} if flag else {}]
+
+
+def vcon_options(options: dict) -> dict:
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def run_key(record: dict) -> tuple:
     setting = record.get("sparsity", record.get("rank_ratio"))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
-            None if setting is None else round(setting, 6))
+            None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS))
+
+
+def read_runs(results_path: str) -> dict:
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path) as handle:
+            for line in handle:
+                record = json.loads(line)
+                done[run_key(record)] = record
+    return done
+
+
+def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
+    """``(method, arm, q, options)`` of every run a seed gets."""
+    plan = []
+    for method in methods:
+        for options in compression_settings(method, args):
+            if sweep:
+                plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
+                continue
+            plan += [(method, "post-shot", 0.0, options), (method, "vcon", args.transition, options)]
+            if method == "prune" and not args.no_gmp:
+                plan.append((method, "gmp", args.transition, options))
+            if method == "quant":
+                plan.append((method, "ptq", 0.0, options))
+    return [entry for entry in plan if not args.arms or entry[1] in args.arms.split(",")]
+
+
+def run_plan(task, plan: list[tuple], seeds: list[int], done: dict, dense: tuple, args, results_path: str) -> list[dict]:
+    """Every run of the plan for every seed (PTQ, deterministic, for the first only), reusing recorded ones."""
+    state_dict, dense_accuracy = dense
+    records = []
+    for seed in seeds:
+        for method, arm, q, options in plan:
+            if arm == "ptq" and seed != seeds[0]:
+                continue
+            probe = {"task": task.name, "method": method, "arm": arm, "q": q, "seed": seed,
+                     "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
+                     "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options}
+            record = done.get(run_key(probe))
+            if record is None and args.report_only:
+                continue
+            if record is None:
+                record = run_arm(task, state_dict, method, arm, q, seed, args, vcon_options(options))
+                record.update(options, dense_accuracy=dense_accuracy)
+                with open(results_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                print(f"[{task.name}] {method:8s} {arm:9s} Q={q:<5} seed {seed} {vcon_options(options)}: "
+                      f"{record.get('test_metric', record.get('test_accuracy')):.4f} ({record['train_seconds']} s)",
+                      flush=True)
+            records.append(record)
+    return records
+
+
+def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
+    dense_accuracy = records[0]["dense_accuracy"]
+    seeds_of = lambda runs: ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))  # noqa: E731
+    quant = [record for record in records if record["method"] == "quant"]
+    records = [record for record in records if record["method"] != "quant"]
+    if quant:
+        clip = " clip search" if args.clip_search else ""
+        header = (f"{task.description}; every trained arm {args.steps} optimizer steps, batch {args.batch_size}, "
+                  f"AdamW lr {args.lr} ({args.lr_scheduler}), Q = {args.transition:g} of the run ({args.schedule} "
+                  f"β); group size {args.group_size}{clip.replace(' ', ', ', 1)}; seeds {seeds_of(quant)}")
+        write_quant_table(quant, dense_accuracy, args.out, task.name, header, task.metric,
+                          f"{args.steps} steps lr {args.lr:g}{clip}")
+    if not records:
+        return
+    header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
+              f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
+              f"lowrank rank_ratio {args.rank_ratio:.4g}, seeds {seeds_of(records)}")
+    if sweep:
+        name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
+        write_q_sweep(records, dense_accuracy, args.out, task.name, header + f"; {args.schedule} β", name)
+    else:
+        write_table(records, dense_accuracy, args.out, task.name, header, args.transition, args.schedule)
 
 
 def main(argv=None) -> None:
@@ -178,14 +304,8 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     hf_logging.set_verbosity_error()
     results_path = os.path.join(args.out, "results.jsonl")
-    done = {}
-    if os.path.exists(results_path):
-        with open(results_path) as handle:
-            for line in handle:
-                record = json.loads(line)
-                done[run_key(record)] = record
+    done = read_runs(results_path)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    methods = args.methods.split(",")
     sweep = [float(q) for q in args.q_sweep.split(",")] if args.q_sweep else []
     base = {key: getattr(args, key) for key in DEFAULTS["vision"]}
     if args.regimes:
@@ -200,44 +320,10 @@ def main(argv=None) -> None:
                                          "n_test": args.text_test, "n_validation": args.text_validation,
                                          "max_length": args.text_max_length} if task_name == "text" else {}))
         print(f"[{task_name}] {task.description}", flush=True)
-        state_dict, dense_accuracy = (None, None) if args.report_only else dense_model(task, args)
-        plan = []
-        for method in methods:
-            if sweep:
-                plan += [(method, "post-shot" if q == 0 else "vcon", q) for q in sweep]
-            else:
-                plan += [(method, "post-shot", 0.0), (method, "vcon", args.transition)]
-                if method == "prune" and not args.no_gmp:
-                    plan.append((method, "gmp", args.transition))
-        records = []
-        for seed in seeds:
-            for method, arm, q in plan:
-                probe = {"task": task_name, "method": method, "arm": arm, "q": q, "seed": seed,
-                         "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-                         "lr_scheduler": args.lr_scheduler, "tag": args.tag, **compression_setting(method, args)}
-                record = done.get(run_key(probe))
-                if record is None and args.report_only:
-                    continue
-                if record is None:
-                    record = run_arm(task, state_dict, method, arm, q, seed, args)
-                    record["dense_accuracy"] = dense_accuracy
-                    with open(results_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    print(f"[{task_name}] {method:8s} {arm:9s} Q={q:<5} seed {seed}: "
-                          f"{record['test_accuracy']:.4f} ({record['train_seconds']} s)", flush=True)
-                records.append(record)
-        if not records:
-            continue
-        dense_accuracy = records[0]["dense_accuracy"]
-        header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                  f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
-                  f"lowrank rank_ratio {args.rank_ratio:.4g}, "
-                  f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
-        if sweep:
-            name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
-            write_q_sweep(records, dense_accuracy, args.out, task_name, header + f"; {args.schedule} β", name)
-        else:
-            write_table(records, dense_accuracy, args.out, task_name, header, args.transition, args.schedule)
+        dense = (None, None) if args.report_only else dense_model(task, args)
+        records = run_plan(task, make_plan(args.methods.split(","), sweep, args), seeds, done, dense, args, results_path)
+        if records:
+            write_reports(task, records, sweep, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ $V --q_sweep 0,0.1,0.2,0.4 --methods prune --seeds $S --lr 3e-4
 $V --q_sweep 0,0.1,0.2,0.4 --methods prune,lowrank --seeds 0,1,2,3,4 --steps 400
 $V --q_sweep 0,0.1,0.2,0.4 --methods prune --seeds 0,1,2,3,4 --steps 25
 
+# quantization: round to nearest without training (PTQ) vs post-shot vs VCON, int4/int3/int2 × channel/group
+# (group 32 on the ViT, whose layers are 64 and 128 wide; 128 on the causal LM). clm: ~1-2 min per 150-step arm.
+$V --methods quant --seeds 0,1,2,3,4
+$V --methods quant --seeds 0,1,2,3,4 --steps 25
+$V --methods quant --seeds 0 --arms ptq --clip_search
+$V --methods quant --seeds 0,1,2,3,4 --quant_settings 2:channel,2:group --clip_search
+C="python benchmarks/accuracy.py --task clm --out $OUT --methods quant"
+$C --seeds 0,1,2
+$C --seeds 0 --arms ptq --clip_search
+
 # text: pretrained MiniLM-L6 on Rotten Tomatoes, 3 seeds, 300 steps (~1.2 epochs of 4,000 snippets)
 T="python benchmarks/accuracy.py --task text --out $OUT --sparsity 0.9 --steps 300 --dense_steps 300 --lr 2e-4 --eval_every 50"
 $T --methods prune,lowrank --seeds 0,1,2

@@ -47,13 +47,16 @@ VARIANTS = {
     "binary after": (dict(method="binary"), "after"),
     "lowrank transition": (dict(method="lowrank", rank_ratio=0.25), "transition"),
     "lowrank after": (dict(method="lowrank", rank_ratio=0.25), "after"),
+    "quant transition": (dict(method="quant", bits=4, strategy="group", group_size=128), "transition"),
+    "quant after": (dict(method="quant", bits=4, strategy="group", group_size=128), "after"),
 }
 TARGETS = {
     "prune transition": ("time", "<= 1.10"), "binary transition": ("time", "<= 1.10"),
     "prune after": ("time", "<= 1.05"), "binary after": ("time", "<= 1.05"),
+    "quant transition": ("time", "<= 1.10"), "quant after": ("time", "<= 1.05"),
     "lowrank transition": ("time", "<= 1.25"), "lowrank after": ("time", "< 1.0"),
 }
-MEMORY_TARGET = "<= 1.10 (prune, binary)"
+MEMORY_TARGET = "<= 1.10 (prune, binary, quant)"
 
 
 def parse_args(argv=None):

@@ -61,6 +61,60 @@ def write_table(records: list[dict], dense: float, out: str, task: str, header: 
     plot_curves(records, out, task, dense)
 
 
+def _quant_label(record: dict) -> str:
+    strategy = f"group {record['group_size']}" if record["strategy"] == "group" else record["strategy"]
+    return f"int{record['bits']} {strategy}" + (" (clip search)" if record.get("clip_search") else "")
+
+
+def _values(by_seed: dict, metric: str, deterministic: bool = False) -> str:
+    values = list(by_seed.values())
+    if deterministic and values:
+        return f"{100 * values[0]:.2f}" if metric == "accuracy" else f"{values[0]:.2f}"
+    if metric == "accuracy":
+        return _pm(values)
+    if not values:
+        return "—"
+    return f"{values[0]:.2f} (1 seed)" if len(values) == 1 else f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _gain(vcon: dict, base: dict, metric: str) -> str:
+    """VCON's paired gain over ``base`` in the metric's units (accuracy points; perplexity: base − VCON, so that
+    positive is better for VCON in both), with the seeds on which VCON is better."""
+    seeds = sorted(set(vcon) & set(base))
+    if not seeds:
+        return "—"
+    if metric == "accuracy":
+        return _paired_gain(vcon, base)
+    gains = [base[s] - vcon[s] for s in seeds]
+    wins = f", better on {sum(g > 0 for g in gains)}/{len(gains)}" if len(gains) > 1 else ""
+    spread = f" ± {np.std(gains, ddof=1):.2f}" if len(gains) > 1 else " (1 seed)"
+    return f"{'+' if np.mean(gains) >= 0 else ''}{np.mean(gains):.2f}{spread}{wins}"
+
+
+def write_quant_table(records: list[dict], dense: float, out: str, task: str, header: str, metric: str,
+                      name: str = "") -> None:
+    """One row per quantization setting: dense, PTQ (no training), post-shot, VCON, and VCON's paired gains.
+
+    ``name`` tells budgets apart (steps, learning rate, clipping): it keys the Markdown section."""
+    runs = defaultdict(dict)  # (setting, arm) -> {seed: value}
+    for record in records:
+        runs[(_quant_label(record), record["arm"])][record["seed"]] = record.get("test_metric", record.get("test_accuracy"))
+    settings = list(dict.fromkeys(_quant_label(record) for record in records))
+    unit = "test accuracy (%)" if metric == "accuracy" else "test perplexity (lower is better)"
+    dense_text = f"{100 * dense:.2f}" if metric == "accuracy" else f"{dense:.2f}"
+    lines = [f"**{task}, quantization** — {header}. {unit[0].upper() + unit[1:]} of the quantized model after the last "
+             "step, mean ± std over seeds (PTQ is deterministic: one run); gains are per-seed paired differences "
+             "(positive: VCON better), with the number of seeds on which VCON is better.", "",
+             "| setting | dense | PTQ | post-shot | VCON | gain VCON vs post-shot | gain VCON vs PTQ |",
+             "|---|---|---|---|---|---|---|"]
+    for setting in settings:
+        ptq, post, vcon = (runs.get((setting, arm), {}) for arm in ("ptq", "post-shot", "vcon"))
+        ptq_all = {seed: next(iter(ptq.values())) for seed in vcon} if ptq else {}
+        lines.append(f"| {setting} | {dense_text} | {_values(ptq, metric, deterministic=True)} | {_values(post, metric)} | "
+                     f"{_values(vcon, metric)} | {_gain(vcon, post, metric)} | {_gain(vcon, ptq_all, metric)} |")
+    _section(os.path.join(out, "accuracy.md"), f"quant {task} {name}".rstrip(), "\n".join(lines) + "\n")
+
+
 def plot_curves(records: list[dict], out: str, task: str, dense: float) -> None:
     import matplotlib
 

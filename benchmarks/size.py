@@ -1,8 +1,9 @@
-"""Checkpoint sizes: compact (``hf_vcon.save_compressed``) against fp32, per method, on BERT-base shapes.
+"""Checkpoint sizes against fp32, per method, on BERT-base shapes: the compact format (``hf_vcon.save_compressed``)
+and the compressed-tensors checkpoint (``save_merged(format="compressed-tensors")``, the quantized methods).
 
-For the targeted layers, the bytes of their stored tensors in the compact file (read from the safetensors
-header) against their weights in fp32; for the whole model, the compact folder against ``save_pretrained`` of
-the merged dense model. The low-rank bound is r(m+n)/(mn) summed over the targeted layers.
+For the targeted layers, the bytes of their stored tensors (read from the safetensors headers) against their weights
+in fp32; for the whole model, the folder against ``save_pretrained`` of the merged dense model. The low-rank bound
+is r(m+n)/(mn) summed over the targeted layers.
 
     python benchmarks/size.py --layers 12
 """
@@ -21,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors import safe_open  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from hf_vcon import VConConfig, apply_vcon, get_vcon_state, save_compressed  # noqa: E402
+from hf_vcon import VConConfig, apply_vcon, get_vcon_state, save_compressed, save_merged  # noqa: E402
 from hf_vcon.compact import COMPACT_WEIGHTS_NAME, PACKED_INFIX  # noqa: E402
+from hf_vcon.export import stored_sizes  # noqa: E402
 
 SETTINGS = {
     "binary (tensor scale)": dict(method="binary"),
@@ -32,6 +34,14 @@ SETTINGS = {
     "prune (2:4)": dict(method="prune", prune_pattern="2:4"),
 }
 TARGETS = {"binary (tensor scale)": "<= 1/28 = 0.0357", "binary (channel scales)": "<= 1/28 = 0.0357"}
+# compressed-tensors pack-quantized; expected ≈ bits/32 plus the scales
+CT_SETTINGS = {
+    "int8, channel scales": (dict(method="quant", bits=8, strategy="channel"), "≈ 0.25"),
+    "int4, group-128 scales": (dict(method="quant", bits=4, strategy="group", group_size=128), "≈ 0.13"),
+    "int3, group-128 scales": (dict(method="quant", bits=3, strategy="group", group_size=128), "≈ 0.10"),
+    "int2, channel scales": (dict(method="quant", bits=2, strategy="channel"), "≈ 0.07"),
+    "binary (as int2, tensor scale)": (dict(method="binary"), "≈ 0.07"),
+}
 
 
 def folder_bytes(folder: str) -> int:
@@ -80,6 +90,23 @@ def main() -> None:
             save_compressed(model, folder)
             packed, total = packed_bytes(folder), folder_bytes(folder)
         print(f"| {label} | {fp32 / 2**20:.1f} MiB | {packed / 2**20:.2f} MiB | {packed / fp32:.4f} | {bound} | "
+              f"{total / 2**20:.1f} MiB | {total / dense_total:.3f} |", flush=True)
+    compressed_tensors_table(dense, dense_total)
+
+
+def compressed_tensors_table(dense, dense_total: int) -> None:
+    print("\n# compressed-tensors (pack-quantized) checkpoints: save_merged(model, folder, format='compressed-tensors')\n")
+    print("| setting | targeted fp32 | targeted as stored | stored / fp32 | expected | whole folder | folder / dense |")
+    print("|---|---|---|---|---|---|---|")
+    for label, (kwargs, expected) in CT_SETTINGS.items():
+        model = apply_vcon(copy.deepcopy(dense), VConConfig(transition_steps=0, **kwargs))
+        state = get_vcon_state(model)
+        fp32 = sum(4 * layer.weight.numel() for layer in state.layers)
+        with tempfile.TemporaryDirectory() as folder:
+            save_merged(model, folder, format="compressed-tensors")
+            targeted, _ = stored_sizes(folder, state.targeted_module_names)
+            total = folder_bytes(folder)
+        print(f"| {label} | {fp32 / 2**20:.1f} MiB | {targeted / 2**20:.2f} MiB | {targeted / fp32:.4f} | {expected} | "
               f"{total / 2**20:.1f} MiB | {total / dense_total:.3f} |", flush=True)
 
 

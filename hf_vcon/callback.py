@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import VConConfig
 from .distributed import gathered_for_reading, prepare_zero3
 from .errors import VConError, VConWarning
+from .export import AUTO, check_export_format, resolve_export_format
 from .exporter import export_run, write_checkpoint_config
 from .model import apply_vcon, get_beta, release_dense_paths, set_step
 from .reporting import is_training_log, warn_if_transition_outlasts_run
@@ -52,13 +53,19 @@ class VConCallback(TrainerCallback):
         vcon_config: the configuration; may be omitted if the model was patched with :func:`hf_vcon.apply_vcon`.
         export_at_train_end: write the merged model to ``args.output_dir`` when training ends (on the saving
             process; not under FSDP / DeepSpeed, whose modules hold shards: use :class:`VConTrainer` there).
+        export_format: the merged model's format: ``"auto"`` (default: compressed-tensors for quantized models,
+            ``quant`` and ``binary``, when the model allows it and the package is installed; dense otherwise),
+            ``"dense"`` or ``"compressed-tensors"`` (see :mod:`hf_vcon.export`). Checked when the model is patched.
     """
 
-    def __init__(self, vcon_config: Optional[VConConfig] = None, *, export_at_train_end: bool = True) -> None:
+    def __init__(self, vcon_config: Optional[VConConfig] = None, *, export_at_train_end: bool = True,
+                 export_format: str = AUTO) -> None:
         if vcon_config is not None and not isinstance(vcon_config, VConConfig):
             raise TypeError(f"vcon_config must be a VConConfig, not {type(vcon_config).__name__}.")
         self.vcon_config = vcon_config
+        check_export_format(export_format)
         self.export_at_train_end = export_at_train_end
+        self.export_format = export_format
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
         self._summary_version: Optional[int] = None
@@ -82,6 +89,8 @@ class VConCallback(TrainerCallback):
             )
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
+        # An impossible format (a missing package, GPT-2's Conv1D) is an error now, not after training.
+        self.export_format = resolve_export_format(inner, self.export_format)
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
@@ -163,7 +172,7 @@ class VConCallback(TrainerCallback):
             )
             return
         export_run(self.model, args.output_dir, training_args=args, trainer_state=state,
-                   processing_class=processing_class or kwargs.get("tokenizer"))
+                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.export_format)
 
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:

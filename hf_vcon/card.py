@@ -50,6 +50,8 @@ class CardDetails:
         evaluated_step: the step of the evaluation whose metrics the card shows.
         evaluated_compressed: whether those metrics are the compressed (saved) model's.
         comparison: a Markdown table of other arms (dense, post-shot) trained alongside.
+        export_format: how the folder stores the weights (``"dense"`` or ``"compressed-tensors"``), if it holds them.
+        stored_bytes: (targeted layers, all tensors) as measured in the folder's safetensors files.
     """
 
     finetuned_from: Optional[str] = None
@@ -65,6 +67,8 @@ class CardDetails:
     evaluated_step: Optional[int] = None
     evaluated_compressed: bool = True
     comparison: Optional[str] = None
+    export_format: Optional[str] = None
+    stored_bytes: Optional[tuple[int, int]] = None
 
     @classmethod
     def from_trainer_fields(cls, finetuned_from=None, tasks=None, dataset_tags=None, dataset=None, dataset_args=None,
@@ -144,10 +148,34 @@ def _compression_rows(config, summary: VConSummary, base_model: Optional[str], t
     return rows
 
 
-def _usage_lines(model: nn.Module, repo_id: str) -> list[str]:
+def _usage_lines(model: nn.Module, repo_id: str, export_format: Optional[str]) -> list[str]:
     auto = auto_class_name(model)
+    if export_format == "compressed-tensors":
+        return ["## How to use", "", "No hf_vcon is needed: transformers loads the packed weights with the "
+                "compressed-tensors package installed.", "", "```python", "# pip install compressed-tensors",
+                f"from transformers import {auto}", "",
+                f"model = {auto}.from_pretrained({repo_id!r}, dtype=\"auto\")  # transformers < 4.56: torch_dtype=",
+                "```", "", "vLLM serves it too (`vllm serve <repo>`), with its weight-only kernels for 4 and 8 bits "
+                "with channel or group scales; other widths and per-tensor scales load in transformers only."]
     return ["## How to use", "", "No hf_vcon is needed: the folder is a plain transformers checkpoint.", "",
             "```python", f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({repo_id!r})", "```"]
+
+
+def _format_lines(export_format: str, summary: VConSummary, stored_bytes: Optional[tuple[int, int]]) -> list[str]:
+    """How the checkpoint stores the weights, and their measured sizes."""
+    if export_format == "compressed-tensors":
+        lines = ["compressed-tensors (`quant_method: compressed-tensors`, `format: pack-quantized`): the quantized "
+                 "layers are stored as packed integer codes with their scales (`weight_packed`, `weight_scale`, "
+                 "`weight_shape`), every other tensor dense."]
+    else:
+        lines = ["dense: every weight is a float tensor with the compressed values written in (zeros, ±α, q·s), so "
+                 "plain transformers loads it with no other package."]
+    if stored_bytes is not None:
+        targeted, total = stored_bytes
+        lines += ["", "| measured | bytes |", "|---|---|", f"| weights files (all tensors) | {total:,} |",
+                  f"| targeted layers as stored | {targeted:,} ({targeted / max(summary.bytes_before, 1):.4f}× their "
+                  f"dense {summary.bytes_before:,}) |"]
+    return ["## Checkpoint format", "", *lines]
 
 
 def _evaluation_lines(metrics: Optional[dict], details: CardDetails) -> list[str]:
@@ -196,7 +224,8 @@ def model_card(
 ) -> str:
     """A Hugging Face model card (``README.md`` text with YAML metadata) for a merged VCON model.
 
-    It states how to load the model, the base model, the method and its options (and every ``module_overrides``
+    It states how to load the model (and, with ``details.export_format``, how the weights are stored and their
+    measured sizes), the base model, the method and its options (and every ``module_overrides``
     entry), Q and schedule (and whether training stopped before the transition's end), the layers per setting
     with their sizes before → after, the training budget, the evaluation metrics (the compressed model's; speed
     entries left out), a comparison with other arms if given, and the framework versions; its metadata holds
@@ -221,16 +250,17 @@ def model_card(
     inner = unwrap_model(model)
     config = require_state(inner, "model_card").config
     base_model = details.finetuned_from or getattr(getattr(inner, "config", None), "_name_or_path", None) or None
-    tags = list(dict.fromkeys(["hf_vcon", "vcon", *summary.methods, "compression", *(extra_tags or [])]))
+    format_tags = ["compressed-tensors"] if details.export_format == "compressed-tensors" else []
+    tags = list(dict.fromkeys(["hf_vcon", "vcon", *summary.methods, "compression", *format_tags, *(extra_tags or [])]))
     lines = [
         f"# {model_name or 'VCON-compressed model'}",
         "",
         "This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
         "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
         "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
-        "compressed model (β = 0), stored densely so that `from_pretrained` loads them without hf_vcon.",
+        "compressed model (β = 0); `from_pretrained` loads them without hf_vcon.",
         "",
-        *_usage_lines(inner, details.repo_id or f"path/to/{model_name or 'this-folder'}"),
+        *_usage_lines(inner, details.repo_id or f"path/to/{model_name or 'this-folder'}", details.export_format),
         "",
         "## Compression",
         "",
@@ -240,6 +270,8 @@ def model_card(
         "",
         summary.table(),
     ]
+    if details.export_format is not None:
+        lines += ["", *_format_lines(details.export_format, summary, details.stored_bytes)]
     lines += _training_lines(details)
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:

@@ -4,7 +4,9 @@
 - ``checkpoint-N`` folders stay the Trainer's own resumable state (dense weights plus VCON tensors), plus
   ``vcon_config.json``, so that resuming can check them against the model.
 - The final folder is the merged compressed model (plain ``from_pretrained`` loads it), ``vcon_config.json``, the
-  processing class, ``training_args.bin`` and a model card.
+  processing class, ``training_args.bin`` and a model card. Its format is ``export_format``
+  (:mod:`hf_vcon.export`): ``"auto"`` writes quantized models (``quant``, ``binary``) as compressed-tensors, the
+  others dense.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from .card import CardDetails, model_card
 from .errors import VConWarning
-from .export import save_merged
+from .export import AUTO, resolve_export_format, save_merged, stored_sizes
 from .reporting import saved_model_metrics
 from .state import require_state
 from .summary import VConSummary
@@ -95,19 +97,24 @@ def write_card(model: nn.Module, output_dir: str, summary: VConSummary, trainer_
 
 
 def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, trainer_state: Any = None,
-               processing_class: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> VConSummary:
-    """Write the final folder of a run (the merged compressed model, its configs, processing class, card).
+               processing_class: Any = None, state_dict: Optional[dict[str, torch.Tensor]] = None,
+               format: str = AUTO) -> VConSummary:
+    """Write the final folder of a run (the merged compressed model in ``format``, its configs, processing class,
+    card).
 
     Call it on the process that saves; ``state_dict`` is the full state dict where modules hold shards.
     """
     warn_if_unfinished(model, stacklevel=4)
+    resolved = resolve_export_format(model, format)  # raises before anything is written
     os.makedirs(output_dir, exist_ok=True)
-    summary = save_merged(model, output_dir, state_dict=state_dict)
+    summary = save_merged(model, output_dir, state_dict=state_dict, format=resolved)
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
     if training_args is not None:
         torch.save(training_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-    write_card(model, output_dir, summary, trainer_state, details=card_details(trainer_state, training_args))
+    stored = stored_sizes(output_dir, require_state(model, "export_run").targeted_module_names)
+    write_card(model, output_dir, summary, trainer_state,
+               details=card_details(trainer_state, training_args, export_format=resolved, stored_bytes=stored))
     return summary
 
 

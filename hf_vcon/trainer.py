@@ -22,10 +22,11 @@ from .compact import save_compressed
 from .config import VConConfig
 from .distributed import check_fsdp_plugin, check_sharding
 from .errors import VConError, VConWarning
+from .export import AUTO, stored_sizes
 from .exporter import card_details, export_run, write_card
 from .model import compressed_view, get_beta
 from .reporting import compressed_metric_name, is_compressed_metric
-from .state import unwrap_model
+from .state import require_state, unwrap_model
 from .summary import vcon_summary
 
 __all__ = ["VConCallback", "VConTrainer"]
@@ -46,6 +47,10 @@ class VConTrainer(Trainer):
             names the compressed model's metric (``"loss"`` is read as ``"eval_compressed_loss"``, ``"accuracy"``
             as ``"eval_compressed_accuracy"``), so that ``load_best_model_at_end``, ``save_strategy="best"`` and
             early stopping compare checkpoints by the model that is saved.
+        export_format: the format ``save_model()`` writes: ``"auto"`` (default: compressed-tensors for quantized
+            models, ``quant`` and ``binary``, when the model allows it and the package is installed; dense
+            otherwise), ``"dense"`` or ``"compressed-tensors"`` (see :mod:`hf_vcon.export`). An impossible choice
+            raises here.
 
     ``train()`` sets β from ``state.global_step`` in ``training_step``; ``save_model()`` writes the merged
     compressed model (plain ``from_pretrained`` loads it) with ``vcon_config.json`` and a model card, while the
@@ -61,11 +66,13 @@ class VConTrainer(Trainer):
         ```
     """
 
-    def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True,
+                 export_format: str = AUTO, **kwargs: Any):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("VConTrainer needs model=: model_init (hyperparameter search) is not supported.")
-        self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False)  # save_model() exports
+        # save_model() exports, in the format the callback resolves
+        self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False, export_format=export_format)
         self.vcon_callback.attach(model)
         self.evaluate_compressed = evaluate_compressed
         self.vcon_callback.evaluates_compressed = evaluate_compressed
@@ -81,6 +88,11 @@ class VConTrainer(Trainer):
     @property
     def vcon_config(self) -> VConConfig:
         return self.vcon_callback.vcon_config
+
+    @property
+    def export_format(self) -> str:
+        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved)."""
+        return self.vcon_callback.export_format
 
     def _prepare_distribution(self) -> None:
         """Refuse FSDP settings VCON cannot train under (ZeRO-3 is prepared in ``VConCallback.attach``)."""
@@ -180,7 +192,8 @@ class VConTrainer(Trainer):
         if self.args.should_save:
             self.vcon_summary = export_run(self.model, output_dir or self.args.output_dir, training_args=self.args,
                                            trainer_state=self.state, processing_class=self.processing_class,
-                                           state_dict=state_dict)
+                                           state_dict=state_dict, format=self.export_format)
+            self._exported_to = os.path.normpath(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
@@ -236,6 +249,9 @@ class VConTrainer(Trainer):
             return
         summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
         repo_id = getattr(self, "hub_model_id", None) if self.args.push_to_hub else None
+        if getattr(self, "_exported_to", None) == os.path.normpath(self.args.output_dir):  # the folder holds weights
+            card_fields.update(export_format=self.export_format,
+                               stored_bytes=stored_sizes(self.args.output_dir, require_state(self.model, "create_model_card").targeted_module_names))
         details = card_details(self.state, self.args, repo_id=repo_id, comparison=comparison, **card_fields)
         write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
                    tags=[tags] if isinstance(tags, str) else tags, details=details)

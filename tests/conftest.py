@@ -35,7 +35,7 @@ PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 for _plugin in pkgutil.iter_modules([PLUGINS]):
     importlib.import_module(f"plugins.{_plugin.name}")
 
-BUILT_IN = ("binary", "lowrank", "prune")
+BUILT_IN = ("binary", "lowrank", "prune", "quant")
 # Every registered method with the settings it declares (``example_options``): the matrix the tests run.
 METHOD_SETTINGS = {method: [dict(options) for options in compressor_class(method).example_options]
                    for method in available_compressors()}

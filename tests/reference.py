@@ -13,7 +13,7 @@ def _keep_largest_rows(scores: np.ndarray, keep: int) -> np.ndarray:
     return mask
 
 
-REFERENCE_METHODS = ("binary", "lowrank", "prune")
+REFERENCE_METHODS = ("binary", "lowrank", "prune", "quant")
 
 
 def reference_compressed(weight: torch.Tensor, setting) -> torch.Tensor:
@@ -39,6 +39,32 @@ def reference_compressed(weight: torch.Tensor, setting) -> torch.Tensor:
         rank = config.rank or max(1, round(config.rank_ratio * min(w.shape)))
         u, s, vh = np.linalg.svd(w, full_matrices=False)
         c = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    elif setting.method == "quant":
+        return torch.from_numpy(_quantized(weight.detach().float().numpy(), config)).to(weight.dtype)
     else:
         raise NotImplementedError(setting.method)
     return torch.from_numpy(c).to(weight.dtype)
+
+
+def _quantized(w: np.ndarray, config) -> np.ndarray:
+    """s·clip(round(W/s), −2^(b−1), 2^(b−1)−1) in float32, s = max|W|/(2^(b−1)−1) per block, or the clip ratio in
+    1, 0.95, …, 0.5 of it with the least squared error."""
+    qmax, qmin = 2 ** (config.bits - 1) - 1, -(2 ** (config.bits - 1))
+    rows, cols = w.shape
+    shape = {"tensor": (1, 1, rows * cols), "channel": (rows, 1, cols)}.get(
+        config.strategy, (rows, cols // config.group_size, config.group_size))
+    blocks = w.reshape(shape).astype(np.float32)
+    absmax = np.abs(blocks).max(axis=-1, keepdims=True)
+    ratios = [1.0 - 0.05 * k for k in range(11)] if config.clip_search else [1.0]
+    best, best_error = None, None
+    for ratio in ratios:
+        scale = (absmax * np.float32(ratio / qmax)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        c = np.clip(np.round(blocks / scale), qmin, qmax) * scale
+        error = ((c - blocks) ** 2).sum(axis=-1, keepdims=True)
+        if best is None:
+            best, best_error = c, error
+        else:
+            better = error < best_error
+            best, best_error = np.where(better, c, best), np.minimum(error, best_error)
+    return best.reshape(rows, cols)

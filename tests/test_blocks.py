@@ -526,7 +526,9 @@ def test_trainer_staggers_blocks_exports_and_resumes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=inputs).logits, compressed, atol=1e-5, rtol=0)
     merged = merge_and_unload(copy.deepcopy(full.model)).state_dict()
-    assert exported.keys() == merged.keys() == reloaded.state_dict().keys()
+    # binary weights are saved as compressed-tensors, whose layers keep their scale and shape next to the weight
+    reloaded_keys = {key for key in reloaded.state_dict() if not key.endswith((".weight_scale", ".weight_shape"))}
+    assert exported.keys() == merged.keys() == reloaded_keys
     assert all(torch.equal(exported[key], merged[key]) for key in merged)
 
     # Resuming mid-transition (step 3: block 0 done, block 1 half-way) gives the uninterrupted run.

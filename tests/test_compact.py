@@ -154,7 +154,7 @@ MISMATCHES = {
     "config rank differs": ("lowrank", {"rank": 3}, lambda f: _edit_options(f, rank=2), "shape"),
     "config scale differs": ("binary", {}, lambda f: _edit_options(f, binary_scale="channel"), "scale"),
     "config sparsity differs": ("prune", {"sparsity": 0.5}, lambda f: _edit_options(f, sparsity=0.75), "keep"),
-    "unknown option": ("binary", {}, lambda f: _edit_options(f, bits=3), "not an option"),
+    "unknown option": ("binary", {}, lambda f: _edit_options(f, levels=3), "not an option"),
     "missing packed tensor": ("binary", {}, lambda f: _edit_tensors(
         f, lambda t: t.pop(next(k for k in t if k.endswith(".vcon.signs")))), "lacks tensor"),
     "stray packed tensor": ("binary", {}, lambda f: _edit_tensors(

@@ -204,6 +204,10 @@ def _assert_compressed(weight: torch.Tensor, setting) -> None:
             magnitudes = row.abs().unique()
             assert magnitudes.numel() == 1 and magnitudes.item() > 0
             assert set(row.sign().unique().tolist()) == {-1.0, 1.0}
+    elif setting.method == "quant":  # at most 2^bits values in each block sharing a scale
+        size = {"tensor": weight.numel(), "channel": in_features}.get(config.strategy, config.group_size)
+        for block in weight.reshape(-1, size):
+            assert block.unique().numel() <= 2 ** config.bits
     else:
         rank = config.rank or max(1, round(config.rank_ratio * min(weight.shape)))
         singular = torch.linalg.svdvals(weight.double())

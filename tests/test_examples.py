@@ -135,6 +135,10 @@ def test_vision_script_compare_end_to_end(tmp_path):
     for row in ("| dense |", "| post-shot |", "| VCON |", f"Saved the merged VCON model to {os.path.abspath(out)}"):
         assert row in result.stdout
     model = AutoModelForImageClassification.from_pretrained(out)
+    # binary weights are saved as compressed-tensors (2-bit codes, scale α), unpacked by the first forward
+    assert read_json(os.path.join(out, "config.json"))["quantization_config"]["format"] == "pack-quantized"
+    with torch.no_grad():
+        model(pixel_values=torch.zeros(1, 3, model.config.image_size, model.config.image_size))
     weight = query_weight(model)
     assert torch.unique(weight.abs()).numel() == 1  # sign(W)·mean|W|: one magnitude per tensor
     results = read_json(os.path.join(out, "all_results.json"))

@@ -105,7 +105,7 @@ def test_a_plugin_from_outside_is_registered_like_the_built_ins():
     assert config.options.step == 0.1 and config.step == 0.1
     with pytest.raises(ValueError, match=r"step=0 must be a number in \(0, inf\]: a grid spacing"):
         VConConfig(method="toygrid", step=0)
-    with pytest.raises(ValueError, match=r"method='int9' is not known; use one of: binary, lowrank, prune, toygrid"):
+    with pytest.raises(ValueError, match=r"method='int9' is not known; use one of: binary, lowrank, prune, quant, toygrid"):
         VConConfig(method="int9")
 
 

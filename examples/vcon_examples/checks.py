@@ -13,9 +13,10 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_vcon import NoTargetModulesError, VConConfig, VConWarning
+from hf_vcon import NoTargetModulesError, VConConfig, VConError, VConWarning, apply_vcon
 from hf_vcon.checkpoint import config_differences
 from hf_vcon.config import CONFIG_NAME as VCON_CONFIG_NAME
+from hf_vcon.export import COMPRESSED_TENSORS, resolve_export_format
 from hf_vcon.plan import plan_for, resolve_targets
 
 from .flags import UsageError, VConCommonArguments, flags_named
@@ -148,8 +149,9 @@ def check_hub(training_args: TrainingArguments) -> None:
 def check_vcon_fits(build_skeleton: Callable[[], torch.nn.Module], config: Optional[VConConfig],
                     vcon_args: VConCommonArguments) -> None:
     """Plan the compression on the model's skeleton (built on the meta device: shapes, no weights), so that targets
-    matching nothing, exclusions matching no Linear, ranks that do not compress or N:M patterns that do not divide
-    a layer stop the script before the data is tokenized or the weights are loaded.
+    matching nothing, exclusions matching no Linear, ranks that do not compress, N:M patterns that do not divide
+    a layer or a ``--vcon_export_format compressed-tensors`` that cannot write the model stop the script before
+    the data is tokenized or the weights are loaded.
 
     Raises:
         UsageError: naming the ``--vcon_…`` flag, with the library's explanation.
@@ -175,6 +177,20 @@ def check_vcon_fits(build_skeleton: Callable[[], torch.nn.Module], config: Optio
         if "exclude_modules" in str(warning.message):
             raise UsageError(f"argument --vcon_exclude_modules: {warning.message}")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if vcon_args.vcon_export_format == COMPRESSED_TENSORS:
+        check_export_format(skeleton, config)
+
+
+def check_export_format(skeleton: torch.nn.Module, config: VConConfig) -> None:
+    """Refuse ``--vcon_export_format compressed-tensors`` for a model the format cannot hold (no quantized layer,
+    GPT-2's Conv1D, a tied quantized head) or without the package, from the patched skeleton."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VConWarning)
+        patched = apply_vcon(skeleton, config)
+    try:
+        resolve_export_format(patched, COMPRESSED_TENSORS)
+    except VConError as error:
+        raise UsageError(f"argument --vcon_export_format: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------------ the data

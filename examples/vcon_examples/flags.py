@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_vcon import VConConfig, available_compressors
 from hf_vcon.compressors import compressor_class
+from hf_vcon.export import AUTO, EXPORT_FORMATS
 
 NONE_METHOD = "none"
 _REGEX_CHARS = re.compile(r"[*+?\[\](){}|^$\\]")
@@ -103,6 +104,14 @@ class VConCommonArguments:
                           "dotted suffix; the first match wins) → options, and optionally another method, e.g. "
                           '\'{".*attention.*": {"sparsity": 0.5}}\'.'},
     )
+    vcon_export_format: str = field(
+        default=AUTO,
+        metadata={"help": "The saved model's format: auto (compressed-tensors for quantized models, quant and binary, "
+                          "when the model allows it and the package is installed; else dense), dense (float weights, "
+                          "any transformers loads it) or compressed-tensors (packed integers: transformers with the "
+                          "compressed-tensors package and vLLM load it).",
+                  "choices": list(EXPORT_FORMATS)},
+    )
     vcon_compare: bool = field(
         default=False,
         metadata={"help": "Run the three arms: a dense fine-tune, then post-shot (Q = 0) and VCON each from the dense "
@@ -124,6 +133,7 @@ class VConCommonArguments:
         options = self.option_values()
         if self.vcon_method == NONE_METHOD:
             given = [f"--vcon_{name}" for name in options] + (["--vcon_module_overrides"] if self.vcon_module_overrides else [])
+            given += ["--vcon_export_format"] if self.vcon_export_format != AUTO else []
             if given:
                 raise UsageError(f"argument {given[0]}: it does not apply to --vcon_method none (a dense fine-tune).")
             return None

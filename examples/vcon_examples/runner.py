@@ -65,13 +65,15 @@ class Task:
     predict: Optional[Callable[[Trainer], None]] = None  # --do_predict
 
 
-def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], task: Task, train: bool = True) -> Trainer:
-    """A plain ``Trainer`` for ``config=None`` (the dense reference), else a :class:`~hf_vcon.VConTrainer`."""
+def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], task: Task, train: bool = True,
+                 export_format: str = "auto") -> Trainer:
+    """A plain ``Trainer`` for ``config=None`` (the dense reference), else a :class:`~hf_vcon.VConTrainer` saving in
+    ``export_format``."""
     kwargs = dict(model=model, args=args, train_dataset=task.train_dataset if train else None,
                   eval_dataset=task.eval_datasets.get(""), **task.trainer_kwargs)
     if config is None:
         return Trainer(**kwargs)
-    return VConTrainer(vcon_config=config, **kwargs)
+    return VConTrainer(vcon_config=config, export_format=export_format, **kwargs)
 
 
 def saved_model_metrics(metrics: dict[str, float], beta: float) -> dict[str, float]:
@@ -131,9 +133,9 @@ def _arm_args(args: TrainingArguments, output_dir: str, push: bool, checkpoints:
 
 
 def _single(task: Task, training_args: TrainingArguments, config: Optional[VConConfig],
-            checkpoint: Optional[str]) -> dict:
+            checkpoint: Optional[str], export_format: str) -> dict:
     set_seed(training_args.seed)
-    trainer = make_trainer(task.build_model(), training_args, config, task)
+    trainer = make_trainer(task.build_model(), training_args, config, task, export_format=export_format)
     _train(trainer, task, checkpoint)
     metrics = _evaluate(trainer, task) if training_args.do_eval else {}
     if training_args.do_predict and task.predict:
@@ -160,8 +162,9 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
     if config is None or not vcon_args.vcon_compare:
         if vcon_args.vcon_compare:
             logger.warning("--vcon_method none: no compression to compare; running the dense fine-tune only.")
-        return _single(task, training_args, config, checkpoint)
-    return compare(task, training_args, config, checkpoints=bool(CHECKPOINT_FLAGS & given))
+        return _single(task, training_args, config, checkpoint, vcon_args.vcon_export_format)
+    return compare(task, training_args, config, checkpoints=bool(CHECKPOINT_FLAGS & given),
+                   export_format=vcon_args.vcon_export_format)
 
 
 def planned_steps(trainer: Trainer) -> int:
@@ -188,13 +191,14 @@ def _dense_arm(task: Task, training_args: TrainingArguments, config: VConConfig,
     return metrics, state, sum(p.numel() * p.element_size() for p in dense.model.parameters())
 
 
-def compare(task: Task, training_args: TrainingArguments, config: VConConfig, checkpoints: bool = False) -> dict:
+def compare(task: Task, training_args: TrainingArguments, config: VConConfig, checkpoints: bool = False,
+            export_format: str = "auto") -> dict:
     """Dense fine-tune, then post-shot (Q = 0) and VCON each from the dense fine-tuned weights; print the table.
 
     The dense and post-shot models go to ``<output_dir>/dense`` and ``<output_dir>/post-shot``; the VCON model (the
     product) to ``<output_dir>`` itself, with ``compare_results.json`` (also merged into ``all_results.json``) and
     the table in its model card. The arms write no ``checkpoint-N`` folders unless ``checkpoints`` (a flag such as
-    ``--save_strategy`` asked for them).
+    ``--save_strategy`` asked for them). The compressed arms save in ``export_format``.
     """
     out = training_args.output_dir
     results: dict[str, dict] = {}
@@ -209,13 +213,14 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig, ch
     logger.warning("*** Arm 2/3: post-shot (compress at once, then fine-tune) ***")
     post_config = dataclasses.replace(config, transition_steps=0)
     post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot"), False, checkpoints),
-                        post_config, task)
+                        post_config, task, export_format=export_format)
     _train(post, task)
     results["post-shot"] = _evaluate(post, task)
     del post
 
     logger.warning("*** Arm 3/3: VCON (β from 1 to 0 over the transition, then fine-tune) ***")
-    vcon = make_trainer(from_dense(), _arm_args(training_args, out, True, checkpoints), config, task)
+    vcon = make_trainer(from_dense(), _arm_args(training_args, out, True, checkpoints), config, task,
+                        export_format=export_format)
     _train(vcon, task)
     results["VCON"] = _evaluate(vcon, task)
     if training_args.do_predict and task.predict:
@@ -235,7 +240,8 @@ def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vc
                            model_bytes_before=dense_bytes, model_bytes_after=model_after,
                            transition_steps=q, max_steps=vcon.state.max_steps)
     vcon.save_metrics("compare", compare_metrics)
-    table = comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, vcon.state.max_steps)
+    table = comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, vcon.state.max_steps,
+                             vcon.export_format)
     if training_args.should_save:
         with open(os.path.join(out, "compare_results.md"), "w", encoding="utf-8") as handle:
             handle.write(table + "\n")
@@ -246,7 +252,8 @@ def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vc
     return compare_metrics
 
 
-def comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, max_steps) -> str:
+def comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, max_steps,
+                     export_format: str = "dense") -> str:
     setting = ", ".join(summary.settings)
     lines = [
         f"VCON comparison: {task.description}; {config.method} ({setting}) on {len(summary.layers)} Linear layers; "
@@ -265,8 +272,10 @@ def comparison_table(task, config, summary, results, key, dense_bytes, model_aft
                      f"{human_bytes(dense_bytes)} → {human_bytes(model_after)}")
         lines.append(f"| {arm} | {value_text} | {sizes} |")
     lines.append("")
-    lines.append("Sizes are the compact encoding (zeros skipped, packed bits, low-rank factors); the saved merged model "
-                 "is stored dense so that plain from_pretrained loads it.")
+    stored = ("as compressed-tensors (packed integers; from_pretrained loads it with the compressed-tensors package)"
+              if export_format == "compressed-tensors" else "dense so that plain from_pretrained loads it")
+    lines.append(f"Sizes are the compact encoding (zeros skipped, packed bits, low-rank factors); the saved merged model "
+                 f"is stored {stored}.")
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """Compressions, one per file, behind the contract of :mod:`.base`; importing this package registers the built-in
 ones (third-party ones register on import, or through the ``hf_vcon.compressors`` entry points)."""
 
-from . import binary, lowrank, prune  # noqa: F401  (registration happens on import)
-from .base import CompressionStats, Compressor, FactorCompressor, WeightCompressor
+from . import binary, lowrank, prune, quant  # noqa: F401  (registration happens on import)
+from .base import CompressionStats, Compressor, FactorCompressor, IntegerScheme, IntegerWeight, WeightCompressor
 from .options import CompressorOptions, option
 from .registry import available_compressors, compressor_class, register_compressor
 
@@ -11,6 +11,8 @@ __all__ = [
     "Compressor",
     "CompressorOptions",
     "FactorCompressor",
+    "IntegerScheme",
+    "IntegerWeight",
     "WeightCompressor",
     "available_compressors",
     "compressor_class",

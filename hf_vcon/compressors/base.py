@@ -14,6 +14,10 @@ Everything else a family offers (``blend``, ``compression_state``, ``compressed_
 a speed path; the tests check each against the definition for every registered compression. The decisions other
 parts of hf_vcon take from the family are named properties: :attr:`trains_straight_through`,
 :attr:`recomputes_from_weight`, :attr:`releases_dense_path`, :attr:`copy_trains_latent_weight`.
+
+A compression whose C is an integer grid, C = q·s (binary weights, k-bit quantization), says so with
+:meth:`Compressor.integer_scheme` and :meth:`Compressor.integer_form`: the exporters write such layers in the
+compressed-tensors format without knowing which compression they came from.
 """
 
 from __future__ import annotations
@@ -28,6 +32,61 @@ from torch import nn
 from ..linears import linear_shape, write_weight
 from .options import CompressorOptions
 from .packing import check_packed
+
+
+INTEGER_STRATEGIES = ("channel", "group", "tensor")
+
+
+@dataclass(frozen=True)
+class IntegerScheme:
+    """How a layer's C is stored as symmetric integers: ``num_bits``, one scale per ``strategy`` (``"tensor"``,
+    ``"channel"``: per output row, ``"group"``: per ``group_size`` consecutive inputs of a row). The codes lie in
+    ``[−2^(num_bits−1), 2^(num_bits−1) − 1]``, as compressed-tensors' ``int`` type."""
+
+    num_bits: int
+    strategy: str
+    group_size: Optional[int] = None  # only for strategy "group"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in INTEGER_STRATEGIES or not 1 <= self.num_bits <= 8:
+            raise ValueError(f"IntegerScheme({self.num_bits}, {self.strategy!r}): 1-8 bits, strategy one of "
+                             f"{', '.join(INTEGER_STRATEGIES)}.")
+        if (self.strategy == "group") != (self.group_size is not None):
+            raise ValueError("IntegerScheme: group_size is given with strategy 'group', and only then.")
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.num_bits - 1)), 2 ** (self.num_bits - 1) - 1
+
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        """``(1,)``, ``(out, 1)`` or ``(out, in // group_size)``: compressed-tensors' ``weight_scale`` shape."""
+        if self.strategy == "tensor":
+            return (1,)
+        if self.strategy == "channel":
+            return (out_features, 1)
+        return (out_features, in_features // self.group_size)
+
+
+@dataclass(frozen=True)
+class IntegerWeight:
+    """C = codes · scale for one layer: ``codes`` int8 ``(out, in)`` within the scheme's range, ``scale`` float32 of
+    :meth:`IntegerScheme.scale_shape` whose values are exact in C's dtype ``dtype``."""
+
+    scheme: IntegerScheme
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    def expanded_scale(self) -> torch.Tensor:
+        """The scale broadcast to ``(out, in)`` (a view where it can be)."""
+        out_features, in_features = self.codes.shape
+        if self.scheme.strategy == "group":
+            return self.scale.repeat_interleave(self.scheme.group_size, dim=1)
+        return self.scale.reshape(-1, 1).expand(out_features, in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """C ``(out, in)`` in ``dtype``: the product computed in float32 and rounded once, as the definition of C."""
+        return (self.codes.to(torch.float32) * self.expanded_scale()).to(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -131,6 +190,17 @@ class Compressor:
         """
         check_packed(self.name, tensors, {"weight": (out_features, in_features)})
         return tensors["weight"]
+
+    # ------------------------------------------------------------------------------------- integer form
+    def integer_scheme(self) -> Optional[IntegerScheme]:
+        """The integer grid C lies on with these options, or ``None`` (the default: C is not an integer grid).
+        Decided by the options alone, before any weight is read."""
+        return None
+
+    def integer_form(self, weight: torch.Tensor, params: dict[str, torch.Tensor]) -> IntegerWeight:
+        """C as integer codes and scales, with ``integer_form(...).dequantize()`` equal to C exactly; only for
+        compressions whose :meth:`integer_scheme` is not ``None``."""
+        raise NotImplementedError(f"method={self.name!r} has no integer form.")
 
     def unpack(self, tensors: dict[str, torch.Tensor], layer: nn.Module) -> nn.Module:
         """The inference module computing ``C·x + b`` for ``layer`` (an ``nn.Linear`` or ``Conv1D`` whose bias is

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CompressionStats, WeightCompressor
+from .base import CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor
 from .options import CompressorOptions, check_choice, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from .registry import register_compressor
@@ -50,6 +50,15 @@ class Binarizer(WeightCompressor):
         # β·W + (1−β)·α·sign(W) with a single full-size allocation
         blended = torch.sign(weight).mul_(state * (1.0 - beta))
         return blended.add_(weight, alpha=beta) if beta else blended
+
+    def integer_scheme(self):
+        # ±α as 2-bit symmetric integers (codes −1, 0, +1 of the range [−2, 1]): 1-bit symmetric codes are {−1, 0}
+        return IntegerScheme(2, self.options.binary_scale)
+
+    def integer_form(self, weight, params):
+        weight = weight.detach()
+        scale = self.scale(weight).reshape(self._scale_shape(weight.shape[0]))
+        return IntegerWeight(self.integer_scheme(), torch.sign(weight).to(torch.int8), scale.float(), weight.dtype)
 
     def _scale_count(self, out_features: int) -> int:
         return out_features if self.options.binary_scale == "channel" else 1
