@@ -68,7 +68,8 @@ class FeatureCapture:
         teacher_names = [name for name, _ in teacher.named_modules() if name and matches(name, patterns)]
         if not teacher_names:
             raise ValueError(f"hidden_modules={patterns!r} matches no module of the teacher.")
-        missing = [name for name in teacher_names if not _has_module(student, name)]
+        student_names = {name for name, _ in student.named_modules()}
+        missing = [name for name in teacher_names if name not in student_names]
         if missing:
             raise VConError(
                 f"hidden_modules: the student has no module {missing[0]!r} (the teacher has). Under block-wise VCON, "
@@ -101,14 +102,6 @@ class FeatureCapture:
         result = [(self.outputs["student"][name], self.outputs["teacher"][name]) for name in self.names]
         self.outputs = {"student": {}, "teacher": {}}
         return result
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 class DistillationMixin:
