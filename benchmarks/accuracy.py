@@ -5,7 +5,10 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
 
 - ``post-shot``: ``transition_steps=0`` (compress at once, then fine-tune);
 - ``vcon``:      ``transition_steps=Q`` (β from 1 to 0 over Q steps, then fine-tune the compressed model);
-- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³).
+- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³);
+- ``post-shot+kd``, ``vcon+kd`` (``--kd``): the same two arms distilling from the dense model
+  (``(1 − α)·task + α·T²·KL``); its logits on the training set are computed once per task, saved in ``--out``
+  (``teacher_logits_<task>.safetensors``, float16) and read by every distilled arm and seed.
 
 The final number of every arm is the test accuracy of the compressed model (β = 0, full compression) after the
 last step; there is no early stopping or checkpoint selection. Outputs in ``--out``: ``results.jsonl`` (one line per
@@ -17,6 +20,7 @@ Examples (CPU, offline):
     python benchmarks/accuracy.py                                  # both tasks, 3 methods, 3 seeds
     python benchmarks/accuracy.py --task vision --q_sweep 0,0.1,0.2,0.4,0.6,0.8 --methods prune
     python benchmarks/accuracy.py --task text --steps 2000 --dense_steps 3000 --text_train 0   # larger, e.g. on a GPU
+    python benchmarks/accuracy.py --task vision --kd --kd_alpha 0.9 --kd_temperature 2   # + the distilled arms
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_vcon import VConConfig, VConTrainer  # noqa: E402
-from report import plot_regimes, write_q_sweep, write_table  # noqa: E402
+from hf_vcon import DistillationConfig, VConConfig, VConTrainer, add_teacher_index, cache_teacher_logits  # noqa: E402
+from report import plot_regimes, write_kd_table, write_q_sweep, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
@@ -74,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_max_length", type=int, default=32, help="tokens per snippet (mean is 27)")
     parser.add_argument("--q_sweep", default="", help="comma list of Q fractions: VCON at each (paper Fig. 4)")
     parser.add_argument("--no_gmp", action="store_true", help="skip the GMP arm")
+    parser.add_argument("--kd", action="store_true", help="add post-shot+kd and vcon+kd: distil from the dense model")
+    parser.add_argument("--kd_only", action="store_true", help="with --kd: run the distilled arms only (the others "
+                                                                  "are read from results.jsonl for the table)")
+    parser.add_argument("--kd_alpha", type=float, default=0.9, help="α of the distilled arms")
+    parser.add_argument("--kd_temperature", type=float, default=2.0, help="T of the distilled arms")
     parser.add_argument("--regimes", action="store_true",
                         help="train nothing: draw regimes_<task>.png, VCON's gain over post-shot against Q for every "
                              "budget, schedule and lr in results.jsonl")
@@ -104,6 +113,9 @@ def dense_model(task, args) -> tuple[dict, float]:
     if os.path.exists(path):
         saved = torch.load(path)
         return saved["state_dict"], saved["test_accuracy"]
+    teacher_cache = teacher_logits_path(task, args)
+    if os.path.exists(teacher_cache):
+        os.remove(teacher_cache)  # cached from a dense model that is no longer there
     torch.manual_seed(0)
     model = task.build_model()
     trainer = Trainer(model=model, args=training_args(os.path.join(args.out, "tmp"), args.dense_steps, args.dense_lr,
@@ -117,8 +129,27 @@ def dense_model(task, args) -> tuple[dict, float]:
     return state_dict, test_accuracy
 
 
+def teacher_logits_path(task, args) -> str:
+    return os.path.join(args.out, f"teacher_logits_{task.name}.safetensors")
+
+
+def teacher_logits(task, state_dict: dict, args) -> str:
+    """The dense model's logits on the training set, computed once (then read by every distilled arm and seed)."""
+    path = teacher_logits_path(task, args)
+    if not os.path.exists(path):
+        teacher = task.build_model()
+        teacher.load_state_dict(state_dict)
+        start = time.time()
+        cache_teacher_logits(teacher.eval(), task.train, path, data_collator=task.collator, batch_size=64,
+                             dtype=torch.float16)
+        print(f"[{task.name}] teacher logits of {len(task.train)} training examples cached in "
+              f"{time.time() - start:.1f} s: {path}", flush=True)
+    return path
+
+
 def vcon_config(method: str, arm: str, q: float, args) -> VConConfig:
     options = compression_setting(method, args)
+    arm = arm.replace("+kd", "")
     if arm == "post-shot":
         return VConConfig(method=method, transition_steps=0, **options)
     if arm == "gmp":
@@ -143,19 +174,23 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args) 
     model = task.build_model()
     model.load_state_dict(state_dict)
     config = vcon_config(method, arm, q, args)
+    distills = arm.endswith("+kd")
+    distillation = DistillationConfig(alpha=args.kd_alpha, temperature=args.kd_temperature,
+                                      teacher_logits=teacher_logits(task, state_dict, args)) if distills else None
     trainer = VConTrainer(model=model, args=training_args(os.path.join(args.out, "tmp"), args.steps, args.lr, args,
                                                           seed, args.eval_every),
-                          vcon_config=config, train_dataset=task.train, eval_dataset=task.validation,
-                          data_collator=task.collator, compute_metrics=accuracy)
+                          vcon_config=config, train_dataset=add_teacher_index(task.train) if distills else task.train,
+                          eval_dataset=task.validation, data_collator=task.collator, compute_metrics=accuracy,
+                          distillation=distillation)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
     trainer.evaluate_compressed = False  # β = 0 now: the evaluation is the compressed model
     final = trainer.evaluate(task.test, metric_key_prefix="test")
-    return {"task": task.name, "method": method, "arm": arm, "q": q if arm != "post-shot" else 0.0, "seed": seed,
-            "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-            "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
-            **compression_setting(method, args),
+    return {"task": task.name, "method": method, "arm": arm, "q": q if not arm.startswith("post-shot") else 0.0,
+            "seed": seed, "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
+            "lr": args.lr, "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
+            **compression_setting(method, args), **kd_setting(arm, args),
             "test_accuracy": final["test_accuracy"], "final_beta": trainer.vcon_callback.log_values()["vcon/beta"],
             "train_seconds": round(seconds, 1), "curve": curve(trainer.state.log_history)}
 
@@ -166,11 +201,16 @@ def compression_setting(method: str, args) -> dict:
     return {flag: getattr(args, flag)} if flag else {}
 
 
+def kd_setting(arm: str, args) -> dict:
+    """α and T of a distilled arm (kept with the run, part of its key)."""
+    return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature} if arm.endswith("+kd") else {}
+
+
 def run_key(record: dict) -> tuple:
     setting = record.get("sparsity", record.get("rank_ratio"))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
-            None if setting is None else round(setting, 6))
+            None if setting is None else round(setting, 6), record.get("kd_alpha"), record.get("kd_temperature"))
 
 
 def main(argv=None) -> None:
@@ -209,14 +249,17 @@ def main(argv=None) -> None:
                 plan += [(method, "post-shot", 0.0), (method, "vcon", args.transition)]
                 if method == "prune" and not args.no_gmp:
                     plan.append((method, "gmp", args.transition))
+                if args.kd:
+                    plan += [(method, "post-shot+kd", 0.0), (method, "vcon+kd", args.transition)]
         records = []
         for seed in seeds:
             for method, arm, q in plan:
                 probe = {"task": task_name, "method": method, "arm": arm, "q": q, "seed": seed,
-                         "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-                         "lr_scheduler": args.lr_scheduler, "tag": args.tag, **compression_setting(method, args)}
+                         "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
+                         "lr": args.lr, "lr_scheduler": args.lr_scheduler, "tag": args.tag,
+                         **compression_setting(method, args), **kd_setting(arm, args)}
                 record = done.get(run_key(probe))
-                if record is None and args.report_only:
+                if record is None and (args.report_only or (args.kd_only and not arm.endswith("+kd"))):
                     continue
                 if record is None:
                     record = run_arm(task, state_dict, method, arm, q, seed, args)
@@ -237,7 +280,12 @@ def main(argv=None) -> None:
             name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
             write_q_sweep(records, dense_accuracy, args.out, task_name, header + f"; {args.schedule} β", name)
         else:
-            write_table(records, dense_accuracy, args.out, task_name, header, args.transition, args.schedule)
+            write_table([r for r in records if "+kd" not in r["arm"]], dense_accuracy, args.out, task_name, header,
+                        args.transition, args.schedule)
+            if any(r["arm"].endswith("+kd") for r in records):
+                write_kd_table(records, dense_accuracy, args.out, task_name,
+                               header + f"; distilled arms α = {args.kd_alpha:g}, T = {args.kd_temperature:g}",
+                               args.transition, args.schedule)
 
 
 if __name__ == "__main__":
