@@ -95,8 +95,8 @@ class Runner:
     def __init__(self, args, name: str, folder: str):
         self.args, self.count = args, 0
         model = build_dense(args)
-        training = TrainingArguments(folder, max_steps=10**6, learning_rate=1e-5, report_to=[], use_cpu=args.device == "cpu",
-                                     save_strategy="no", disable_tqdm=True)
+        training = TrainingArguments(folder, max_steps=10**6, learning_rate=1e-5, report_to=[], save_strategy="no",
+                                     use_cpu=args.device == "cpu", disable_tqdm=True)
         self.trainer = VConTrainer(model=model, args=training, train_dataset=IndexedBatch(make_batch(args)),
                                    vcon_config=VConConfig(method="prune", sparsity=0.9, transition_steps=10**9),
                                    distillation=distillation(args, name))
@@ -190,8 +190,8 @@ def main(argv=None) -> None:
             result = time_pair(args, base, runner)
             del runner
             ratio = f"{measure_memory(args, name) / memory['plain VCON']:.3f}" if memory else "–"
-            print(f"| {name} | {result['ratio']:.3f} | {result['min']:.3f}–{result['max']:.3f} | {result['base_s']:.3f} "
-                  f"| {result['other_s']:.3f} | {ratio} |", flush=True)
+            print(f"| {name} | {result['ratio']:.3f} | {result['min']:.3f}–{result['max']:.3f} | "
+                  f"{result['base_s']:.3f} | {result['other_s']:.3f} | {ratio} |", flush=True)
     if memory:
         print(f"\nplain VCON peak training memory: {memory['plain VCON'] / 2**20:.0f} MiB")
 

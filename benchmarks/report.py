@@ -64,7 +64,8 @@ def write_table(records: list[dict], dense: float, out: str, task: str, header: 
 KD_ARMS = ("post-shot", "vcon", "post-shot+kd", "vcon+kd")
 
 
-def write_kd_table(records: list[dict], dense: float, out: str, task: str, header: str, q: float, schedule: str) -> None:
+def write_kd_table(records: list[dict], dense: float, out: str, task: str, header: str, q: float,
+                   schedule: str) -> None:
     """What distillation adds: the four arms, KD's paired gain for each transition, and VCON + KD against post-shot +
     KD (the ``table kd <task>`` section of accuracy.md)."""
     accuracy = defaultdict(dict)  # (method, arm) -> {seed: acc}

@@ -150,7 +150,8 @@ class DistillationConfig:
             modules_ok = self.hidden_modules is None or bool(self.hidden_modules)
         else:
             self.hidden_modules = list(self.hidden_modules)
-            modules_ok = bool(self.hidden_modules) and all(isinstance(name, str) and name for name in self.hidden_modules)
+            names = self.hidden_modules
+            modules_ok = bool(names) and all(isinstance(name, str) and name for name in names)
         if not modules_ok:
             raise ValueError(f"hidden_modules={self.hidden_modules!r} must be module names, one regex, or None.")
         if not isinstance(self.index_column, str) or not self.index_column:
@@ -182,7 +183,7 @@ class DistillationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able fields (the teacher is described by its class and ``name_or_path``, not serialised)."""
-        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "teacher"}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "teacher"}
         values["teacher_dtype"] = str(self.teacher_dtype).replace("torch.", "") if self.teacher_dtype else None
         values["teacher_device"] = str(self.teacher_device) if self.teacher_device is not None else None
         if isinstance(self.hidden_layers, tuple):

@@ -28,9 +28,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .distill import DistillationConfig, distill_mask, hidden_state_loss, kd_loss
 from .errors import IncompatibleCheckpointError, VConError
 from .reporting import is_training_log
-from .state import get_vcon_state, unwrap_model
-from .targets import matches
-from .teacher import build_teacher, check_same_teacher, fingerprint, place_teacher, teacher_device, teacher_dtype_of
+from .state import unwrap_model
+from .teacher import (
+    FeatureCapture,
+    build_teacher,
+    check_same_teacher,
+    fingerprint,
+    place_teacher,
+    teacher_device,
+    teacher_dtype_of,
+)
 from .teacher_logits import TeacherLogits, model_input_names, teacher_inputs
 
 DISTILLATION_FILE = "vcon_distillation.json"
@@ -53,55 +60,6 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    while not torch.is_tensor(output):
-        output = output[0] if isinstance(output, (tuple, list)) else output.to_tuple()[0]
-    return output
-
-
-class FeatureCapture:
-    """The outputs of named modules of the student and the teacher during one forward each (forward hooks)."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, patterns):
-        teacher_names = [name for name, _ in teacher.named_modules() if name and matches(name, patterns)]
-        if not teacher_names:
-            raise ValueError(f"hidden_modules={patterns!r} matches no module of the teacher.")
-        student_names = {name for name, _ in student.named_modules()}
-        missing = [name for name in teacher_names if name not in student_names]
-        if missing:
-            raise VConError(
-                f"hidden_modules: the student has no module {missing[0]!r} (the teacher has). Under block-wise VCON, "
-                "modules inside a block are not the student's (the block blends its outputs): name the blocks "
-                "themselves, or use hidden_layers."
-            )
-        self.names = teacher_names
-        self.outputs: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
-        self._active: Optional[str] = None
-        for side, model in (("student", student), ("teacher", teacher)):
-            for name in teacher_names:
-                model.get_submodule(name).register_forward_hook(self._hook(side, name))
-
-    def _hook(self, side: str, name: str):
-        def hook(module, inputs, output):
-            if self._active == side:  # not during gradient-checkpoint recomputation or evaluation
-                self.outputs[side][name] = _first_tensor(output)
-
-        return hook
-
-    @contextmanager
-    def recording(self, side: str) -> Iterator[None]:
-        self._active = side
-        try:
-            yield
-        finally:
-            self._active = None
-
-    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        result = [(self.outputs["student"][name], self.outputs["teacher"][name]) for name in self.names]
-        self.outputs = {"student": {}, "teacher": {}}
-        return result
 
 
 class DistillationMixin:
@@ -133,7 +91,8 @@ class DistillationMixin:
             raise TypeError(f"distillation must be a DistillationConfig, not {type(distillation).__name__}.")
         self.distillation = distillation
         self.__dict__.setdefault("teacher", None)
-        if distillation is not None and self.teacher is None and not distillation.teacher_logits:  # VConTrainer builds it before patching
+        # VConTrainer builds the teacher before it patches the model; other Trainers patch later (VConCallback).
+        if distillation is not None and self.teacher is None and not distillation.teacher_logits:
             self.teacher = build_teacher(distillation, kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
         if distillation is not None:
@@ -202,7 +161,7 @@ class DistillationMixin:
             yield
 
     def _teacher_outputs(self, inputs: dict, indices: Optional[torch.Tensor]) -> dict:
-        """``{"logits": …, "hidden_states": …, "covered": mask or None}`` from the cache or one teacher forward."""
+        """``{"logits": …, "hidden_states": …}`` from one teacher forward, or ``{"indices": …}`` to read the cache."""
         if self.teacher_logits is not None:
             if indices is None:
                 raise VConError(
@@ -259,7 +218,8 @@ class DistillationMixin:
             layer_pairs = [(i, i) for i in range(len(student_states))] if config.hidden_layers == "all" \
                 else config.hidden_layers
             for s, t in layer_pairs:
-                if not (-len(student_states) <= s < len(student_states) and -len(teacher_states) <= t < len(teacher_states)):
+                inside = -len(student_states) <= s < len(student_states) and -len(teacher_states) <= t < len(teacher_states)
+                if not inside:
                     raise VConError(f"hidden_layers: index pair ({s}, {t}) is outside the student's "
                                     f"{len(student_states)} and the teacher's {len(teacher_states)} hidden states.")
                 pairs.append((student_states[s], teacher_states[t]))
@@ -279,7 +239,7 @@ class DistillationMixin:
                     or self.compute_loss_func is not None)
 
     def _devices_factor(self, num_items_in_batch) -> int:
-        """The factor ``Trainer.compute_loss`` multiplies a normalised loss by when it averages tokens across devices."""
+        """The factor ``Trainer.compute_loss`` multiplies a normalised loss by, averaging tokens across devices."""
         if not (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None
                 and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)):
             return 1

@@ -1,11 +1,13 @@
 """The teacher of distillation: a frozen copy of the model before compression (or the user's model), its placement,
-and a fingerprint that tells a resumed run whether it was rebuilt identically."""
+a fingerprint that tells a resumed run whether it was rebuilt identically, and the capture of module outputs that
+student and teacher are matched on."""
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from .distributed import is_zero3_partitioned
 from .errors import IncompatibleCheckpointError, VConError
 from .model import unload
 from .state import get_vcon_state, unwrap_model
+from .targets import matches
 
 FINGERPRINT_TOLERANCE = 1e-5
 
@@ -24,8 +27,8 @@ def _zero3_error(where: str) -> VConError:
         f"{where} has parameters partitioned by DeepSpeed ZeRO-3 (zero_optimization.stage = 3): a distillation "
         "teacher is run outside the DeepSpeed engine and needs its full weights. Pass "
         "DistillationConfig(teacher=<a model loaded without ZeRO-3 partitioning, e.g. before the TrainingArguments "
-        "that enable ZeRO-3>), use cached logits (DistillationConfig(teacher_logits=hf_vcon.cache_teacher_logits(...))), "
-        "or train with ZeRO stage 2 or DDP."
+        "that enable ZeRO-3>), use cached logits (DistillationConfig(teacher_logits=...), written by "
+        "hf_vcon.cache_teacher_logits), or train with ZeRO stage 2 or DDP."
     )
 
 
@@ -145,3 +148,53 @@ def check_same_teacher(saved: dict, current: dict, checkpoint: str) -> None:
             "differ. Resume with the same teacher (with teacher=None, the model as given to the trainer before "
             "training, loaded as for the original run), or train afresh."
         )
+
+
+# ------------------------------------------------------------------------------------------ module outputs
+def _first_tensor(output: Any) -> torch.Tensor:
+    while not torch.is_tensor(output):
+        output = output[0] if isinstance(output, (tuple, list)) else output.to_tuple()[0]
+    return output
+
+
+class FeatureCapture:
+    """The outputs of named modules of the student and the teacher during one forward each (forward hooks)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, patterns):
+        teacher_names = [name for name, _ in teacher.named_modules() if name and matches(name, patterns)]
+        if not teacher_names:
+            raise ValueError(f"hidden_modules={patterns!r} matches no module of the teacher.")
+        student_names = {name for name, _ in student.named_modules()}
+        missing = [name for name in teacher_names if name not in student_names]
+        if missing:
+            raise VConError(
+                f"hidden_modules: the student has no module {missing[0]!r} (the teacher has). Under block-wise VCON, "
+                "modules inside a block are not the student's (the block blends its outputs): name the blocks "
+                "themselves, or use hidden_layers."
+            )
+        self.names = teacher_names
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._active: Optional[str] = None
+        for side, model in (("student", student), ("teacher", teacher)):
+            for name in teacher_names:
+                model.get_submodule(name).register_forward_hook(self._hook(side, name))
+
+    def _hook(self, side: str, name: str):
+        def hook(module, inputs, output):
+            if self._active == side:  # not during gradient-checkpoint recomputation or evaluation
+                self.outputs[side][name] = _first_tensor(output)
+
+        return hook
+
+    @contextmanager
+    def recording(self, side: str) -> Iterator[None]:
+        self._active = side
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        result = [(self.outputs["student"][name], self.outputs["teacher"][name]) for name in self.names]
+        self.outputs = {"student": {}, "teacher": {}}
+        return result

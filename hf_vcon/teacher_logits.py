@@ -165,7 +165,7 @@ def cache_teacher_logits(teacher: nn.Module, dataset: Any, path: str, *, data_co
         batch = collate([dataset[i] for i in positions])
         given = batch.get(index_column)
         if given is not None and [int(i) for i in given] != positions:
-            raise VConError(f"The examples' {index_column!r} values are not their positions in the dataset (first batch "
+            raise VConError(f"The examples' {index_column!r} values are not their positions in the dataset (batch "
                             f"from {start}: {[int(i) for i in given][:4]}…); cache the dataset in its own order.")
         inputs = {key: value.to(device) if torch.is_tensor(value) else value
                   for key, value in teacher_inputs(batch, names, (index_column,)).items()}
@@ -243,7 +243,8 @@ class TeacherLogits:
                 "logits again for this training set (and add_teacher_index to that same set)."
             )
 
-    def batch(self, indices: torch.Tensor, inputs: dict, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def batch(self, indices: torch.Tensor, inputs: dict,
+              like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The cached logits of a batch shaped as the student's ``like`` (same device), and a bool mask of the
         positions they cover (per-token caches; ``None`` for per-example ones). ``inputs`` is the training batch.
 

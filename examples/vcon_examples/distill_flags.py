@@ -33,14 +33,14 @@ class VConDistillArguments:
 
     vcon_distill_alpha: Optional[float] = field(
         default=None,
-        metadata={"help": "Distil from a frozen teacher while compressing: the loss is (1 − α)·task + α·T²·KL(teacher/T "
-                          "‖ student/T). α in [0, 1]; not given: no distillation."},
+        metadata={"help": "Distil from a frozen teacher while compressing: the loss is (1 − α)·task + "
+                          "α·T²·KL(teacher/T ‖ student/T). α in [0, 1]; not given: no distillation."},
     )
     vcon_distill_temperature: float = field(default=2.0, metadata={"help": "T > 0, the distillation temperature."})
     vcon_teacher_model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "The teacher (a Hub model or a folder fine-tuned on the task, e.g. a larger one). Default: the "
-                          "model before compression — with --vcon_compare the dense arm's fine-tuned model, else the "
+        metadata={"help": "The teacher (a Hub model or a folder fine-tuned on the task, e.g. a larger one). "
+                          "Default: the model before compression — with --vcon_compare the dense arm's fine-tuned model, else the "
                           "model as loaded from --model_name_or_path (which must then be fine-tuned on the task)."},
     )
     vcon_teacher_dtype: Optional[str] = field(
@@ -76,7 +76,8 @@ class VConDistillArguments:
         if not self.distills:
             given = self.given_distill_flags()
             if given:
-                raise UsageError(f"argument {given[0]}: it needs --vcon_distill_alpha (distillation is off without it).")
+                raise UsageError(f"argument {given[0]}: it needs --vcon_distill_alpha (distillation is off "
+                                 "without it).")
             return None
         layers = self.vcon_distill_hidden_layers
         if layers is not None and layers != ["all"]:
@@ -149,7 +150,8 @@ def check_distill_checkpoint(vcon_args: VConDistillArguments, checkpoint: Option
     current = config.to_dict()
     different = [name for name in FIELD_FLAGS if name != "teacher_device" and saved.get(name) != current.get(name)]
     if different:
-        details = "; ".join(f"{name}: checkpoint {saved.get(name)!r} vs now {current.get(name)!r}" for name in different)
+        details = "; ".join(f"{name}: checkpoint {saved.get(name)!r} vs now {current.get(name)!r}"
+                            for name in different)
         raise UsageError(f"argument {FIELD_FLAGS[different[0]]}: the checkpoint {checkpoint!r} was trained with other "
                          f"distillation values ({details}).")
 
