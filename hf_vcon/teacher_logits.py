@@ -251,7 +251,7 @@ class TeacherLogits:
         Raises:
             VConError: for indices outside the cache, inputs other than those cached, or token counts that differ.
         """
-        indices = [int(i) for i in indices.reshape(-1)]
+        indices = [int(i) for i in indices.reshape(-1).tolist()]
         attention_mask = inputs.get("attention_mask")
         self._check(indices, inputs)
         if not self.per_token:
