@@ -406,6 +406,19 @@ def test_a_bfloat16_teacher(tmp_path):
     assert len(kd) == 2 and all(np.isfinite(kd))
 
 
+def test_the_copy_keeps_tied_weights_tied_and_casts_as_it_copies():
+    from hf_vcon.teacher import frozen_copy
+
+    model = build("gpt2")
+    teacher = frozen_copy(model, torch.bfloat16)
+    assert teacher.lm_head.weight is teacher.transformer.wte.weight  # tied, as in the model
+    assert teacher.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    exact = frozen_copy(model)
+    inputs = batch_of(TinyTextDataset())["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exact(input_ids=inputs).logits, model(input_ids=inputs).logits)
+
+
 class DistilTrainer(DistillationMixin, Trainer):
     pass
 
