@@ -11,6 +11,9 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
 
 ``--methods quant`` runs each of ``--quant_settings`` (bits:strategy) as a method of its own. The ``clm`` task reports
 perplexity (lower is better) instead of accuracy.
+- ``post-shot+kd``, ``vcon+kd`` (``--kd``): the same two arms distilling from the dense model
+  (``(1 − α)·task + α·T²·KL``); its logits on the training set are computed once per task, saved in ``--out``
+  (``teacher_logits_<task>.safetensors``, float16) and read by every distilled arm and seed.
 
 The final number of every arm is the test accuracy of the compressed model (β = 0, full compression) after the
 last step; there is no early stopping or checkpoint selection. Outputs in ``--out``: ``results.jsonl`` (one line per
@@ -23,6 +26,7 @@ Examples (CPU, offline):
     python benchmarks/accuracy.py --task vision --q_sweep 0,0.1,0.2,0.4,0.6,0.8 --methods prune
     python benchmarks/accuracy.py --task text --steps 2000 --dense_steps 3000 --text_train 0   # larger, e.g. on a GPU
     python benchmarks/accuracy.py --task clm,vision --methods quant --seeds 0,1,2       # PTQ / post-shot / VCON
+    python benchmarks/accuracy.py --task vision --kd --kd_alpha 0.9 --kd_temperature 2   # + the distilled arms
 """
 
 from __future__ import annotations
@@ -44,8 +48,16 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from hf_vcon import VConConfig, VConTrainer, apply_vcon, set_beta  # noqa: E402
-from report import plot_regimes, write_q_sweep, write_quant_table, write_table  # noqa: E402
+from hf_vcon import (  # noqa: E402
+    DistillationConfig,
+    VConConfig,
+    VConTrainer,
+    add_teacher_index,
+    apply_vcon,
+    cache_teacher_logits,
+    set_beta,
+)
+from report import plot_regimes, write_kd_table, write_q_sweep, write_quant_table, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
@@ -91,6 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_max_length", type=int, default=32, help="tokens per snippet (mean is 27)")
     parser.add_argument("--q_sweep", default="", help="comma list of Q fractions: VCON at each (paper Fig. 4)")
     parser.add_argument("--no_gmp", action="store_true", help="skip the GMP arm")
+    parser.add_argument("--kd", action="store_true", help="add post-shot+kd and vcon+kd: distil from the dense model")
+    parser.add_argument("--kd_only", action="store_true", help="with --kd: run the distilled arms only (the others "
+                                                                  "are read from results.jsonl for the table)")
+    parser.add_argument("--kd_alpha", type=float, default=0.9, help="α of the distilled arms")
+    parser.add_argument("--kd_temperature", type=float, default=2.0, help="T of the distilled arms")
     parser.add_argument("--regimes", action="store_true",
                         help="train nothing: draw regimes_<task>.png, VCON's gain over post-shot against Q for every "
                              "budget, schedule and lr in results.jsonl")
@@ -130,6 +147,9 @@ def dense_model(task, args) -> tuple[dict, float]:
     if os.path.exists(path):
         saved = torch.load(path)
         return saved["state_dict"], saved["test_accuracy"]
+    teacher_cache = teacher_logits_path(task, args)
+    if os.path.exists(teacher_cache):
+        os.remove(teacher_cache)  # cached from a dense model that is no longer there
     torch.manual_seed(0)
     model = task.build_model()
     trainer = Trainer(model=model, args=training_args(os.path.join(args.out, "tmp"), args.dense_steps, args.dense_lr,
@@ -143,7 +163,26 @@ def dense_model(task, args) -> tuple[dict, float]:
     return state_dict, test_accuracy
 
 
+def teacher_logits_path(task, args) -> str:
+    return os.path.join(args.out, f"teacher_logits_{task.name}.safetensors")
+
+
+def teacher_logits(task, state_dict: dict, args) -> str:
+    """The dense model's logits on the training set, computed once (then read by every distilled arm and seed)."""
+    path = teacher_logits_path(task, args)
+    if not os.path.exists(path):
+        teacher = task.build_model()
+        teacher.load_state_dict(state_dict)
+        start = time.time()
+        cache_teacher_logits(teacher.eval(), task.train, path, data_collator=task.collator, batch_size=64,
+                             dtype=torch.float16)
+        print(f"[{task.name}] teacher logits of {len(task.train)} training examples cached in "
+              f"{time.time() - start:.1f} s: {path}", flush=True)
+    return path
+
+
 def vcon_config(method: str, arm: str, q: float, args, options: dict) -> VConConfig:
+    arm = arm.replace("+kd", "")
     if arm in ("post-shot", "ptq"):
         return VConConfig(method=method, transition_steps=0, **options)
     if arm == "gmp":
@@ -179,18 +218,24 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, 
         set_beta(trainer.model, 0.0)
         final_beta, history = 0.0, []
     else:
-        trainer = VConTrainer(model=model, args=arguments, vcon_config=config, train_dataset=task.train,
+        distills = arm.endswith("+kd")
+        distillation = DistillationConfig(alpha=args.kd_alpha, temperature=args.kd_temperature,
+                                          teacher_logits=teacher_logits(task, state_dict, args)) if distills else None
+        trainer = VConTrainer(model=model, args=arguments, vcon_config=config,
+                              train_dataset=add_teacher_index(task.train) if distills else task.train,
                               eval_dataset=task.validation, data_collator=task.collator,
-                              compute_metrics=compute_metrics_of(task))
+                              compute_metrics=compute_metrics_of(task), distillation=distillation)
+        start = time.time()  # the teacher's logits are cached once, outside any arm's time
         trainer.train()
         trainer.evaluate_compressed = False  # β = 0 now: the evaluation is the compressed model
         final_beta, history = trainer.vcon_callback.log_values()["vcon/beta"], trainer.state.log_history
     seconds = time.time() - start
     final = metric_of(trainer.evaluate(task.test, metric_key_prefix="test"), "test", task.metric)
-    record = {"task": task.name, "method": method, "arm": arm, "q": q if arm == "vcon" or arm == "gmp" else 0.0,
-              "seed": seed, "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-              "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag, **options,
-              "metric": task.metric, "test_metric": final, "final_beta": final_beta,
+    record = {"task": task.name, "method": method, "arm": arm,
+              "q": 0.0 if arm in ("ptq", "post-shot", "post-shot+kd") else q,
+              "seed": seed, "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
+              "lr": args.lr, "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
+              **options, **kd_setting(arm, args), "metric": task.metric, "test_metric": final, "final_beta": final_beta,
               "train_seconds": round(seconds, 1), "curve": curve(history, task.metric)}
     if task.metric == "accuracy":
         record["test_accuracy"] = final
@@ -216,11 +261,17 @@ def vcon_options(options: dict) -> dict:
     return {key: value for key, value in options.items() if value is not None}
 
 
+def kd_setting(arm: str, args) -> dict:
+    """α and T of a distilled arm (kept with the run, part of its key)."""
+    return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature} if arm.endswith("+kd") else {}
+
+
 def run_key(record: dict) -> tuple:
     setting = record.get("sparsity", record.get("rank_ratio"))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
-            None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS))
+            None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS),
+            record.get("kd_alpha"), record.get("kd_temperature"))
 
 
 def read_runs(results_path: str) -> dict:
@@ -246,6 +297,8 @@ def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
                 plan.append((method, "gmp", args.transition, options))
             if method == "quant":
                 plan.append((method, "ptq", 0.0, options))
+            if args.kd:
+                plan += [(method, "post-shot+kd", 0.0, options), (method, "vcon+kd", args.transition, options)]
     return [entry for entry in plan if not args.arms or entry[1] in args.arms.split(",")]
 
 
@@ -258,10 +311,11 @@ def run_plan(task, plan: list[tuple], seeds: list[int], done: dict, dense: tuple
             if arm == "ptq" and seed != seeds[0]:
                 continue
             probe = {"task": task.name, "method": method, "arm": arm, "q": q, "seed": seed,
-                     "schedule": args.schedule if arm == "vcon" else None, "steps": args.steps, "lr": args.lr,
-                     "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options}
+                     "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
+                     "lr": args.lr, "lr_scheduler": args.lr_scheduler, "tag": args.tag, **options,
+                     **kd_setting(arm, args)}
             record = done.get(run_key(probe))
-            if record is None and args.report_only:
+            if record is None and (args.report_only or (args.kd_only and not arm.endswith("+kd"))):
                 continue
             if record is None:
                 record = run_arm(task, state_dict, method, arm, q, seed, args, vcon_options(options))
@@ -296,7 +350,12 @@ def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
         name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
         write_q_sweep(records, dense_accuracy, args.out, task.name, header + f"; {args.schedule} β", name)
     else:
-        write_table(records, dense_accuracy, args.out, task.name, header, args.transition, args.schedule)
+        write_table([r for r in records if "+kd" not in r["arm"]], dense_accuracy, args.out, task.name, header,
+                    args.transition, args.schedule)
+        if any(r["arm"].endswith("+kd") for r in records):
+            write_kd_table(records, dense_accuracy, args.out, task.name,
+                           header + f"; distilled arms α = {args.kd_alpha:g}, T = {args.kd_temperature:g}",
+                           args.transition, args.schedule)
 
 
 def main(argv=None) -> None:

@@ -113,6 +113,31 @@ def write_quant_table(records: list[dict], dense: float, out: str, task: str, he
         lines.append(f"| {setting} | {dense_text} | {_values(ptq, metric, deterministic=True)} | {_values(post, metric)} | "
                      f"{_values(vcon, metric)} | {_gain(vcon, post, metric)} | {_gain(vcon, ptq_all, metric)} |")
     _section(os.path.join(out, "accuracy.md"), f"quant {task} {name}".rstrip(), "\n".join(lines) + "\n")
+KD_ARMS = ("post-shot", "vcon", "post-shot+kd", "vcon+kd")
+
+
+def write_kd_table(records: list[dict], dense: float, out: str, task: str, header: str, q: float,
+                   schedule: str) -> None:
+    """What distillation adds: the four arms, KD's paired gain for each transition, and VCON + KD against post-shot +
+    KD (the ``table kd <task>`` section of accuracy.md)."""
+    accuracy = defaultdict(dict)  # (method, arm) -> {seed: acc}
+    for record in records:
+        accuracy[(record["method"], record["arm"])][record["seed"]] = record["test_accuracy"]
+    methods = list(dict.fromkeys(record["method"] for record in records if record["arm"].endswith("+kd")))
+    lines = [f"**{task}, distillation** — {header}; Q = {q:g} of the run ({schedule} β). Test accuracy (%) of the "
+             "compressed model after the last step, mean ± std over seeds; gains are per-seed paired differences "
+             "(same seed, same data order), with the number of seeds on which the first arm is better.", "",
+             "| method | dense (teacher) | post-shot | VCON | post-shot + KD | VCON + KD | KD gain, post-shot | "
+             "KD gain, VCON | VCON + KD − post-shot + KD |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        post, vcon, post_kd, vcon_kd = (accuracy.get((method, arm), {}) for arm in KD_ARMS)
+        lines.append(f"| {method} | {100 * dense:.2f} | {_pm(list(post.values()))} | {_pm(list(vcon.values()))} | "
+                     f"{_pm(list(post_kd.values()))} | {_pm(list(vcon_kd.values()))} | {_paired_gain(post_kd, post)} | "
+                     f"{_paired_gain(vcon_kd, vcon)} | {_paired_gain(vcon_kd, post_kd)} |")
+    alphas = sorted({(r["kd_alpha"], r["kd_temperature"]) for r in records if r["arm"].endswith("+kd")})
+    marker = f"table kd {task} " + " ".join(f"alpha {a:g} T {t:g}" for a, t in alphas)
+    _section(os.path.join(out, "accuracy.md"), marker, "\n".join(lines) + "\n")
 
 
 def plot_curves(records: list[dict], out: str, task: str, dense: float) -> None:

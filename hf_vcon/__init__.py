@@ -41,6 +41,9 @@ from .summary import vcon_summary
 
 # Training and export
 from .trainer import VConCallback, VConTrainer
+from .distill import DistillationConfig, kd_loss
+from .distill_trainer import DistillationMixin
+from .teacher_logits import TeacherLogits, add_teacher_index, cache_teacher_logits
 from .export import merged_state_dict, save_merged
 from .card import model_card
 from .compact import save_compressed
@@ -81,6 +84,12 @@ __all__ = [
     "vcon_summary",
     "VConCallback",
     "VConTrainer",
+    "DistillationConfig",
+    "DistillationMixin",
+    "kd_loss",
+    "cache_teacher_logits",
+    "add_teacher_index",
+    "TeacherLogits",
     "merged_state_dict",
     "save_merged",
     "model_card",

@@ -20,6 +20,8 @@ from .callback import VConCallback
 from .checkpoint import SAFE_WEIGHTS_NAME, module_key_names, verify_checkpoint
 from .compact import save_compressed
 from .config import VConConfig
+from .distill import DistillationConfig
+from .distill_trainer import DistillationMixin
 from .distributed import check_fsdp_plugin, check_sharding
 from .errors import VConError, VConWarning
 from .export import AUTO, stored_sizes
@@ -28,11 +30,12 @@ from .model import compressed_view, get_beta
 from .reporting import compressed_metric_name, is_compressed_metric
 from .state import require_state, unwrap_model
 from .summary import vcon_summary
+from .teacher import build_teacher
 
 __all__ = ["VConCallback", "VConTrainer"]
 
 
-class VConTrainer(Trainer):
+class VConTrainer(DistillationMixin, Trainer):
     """A ``transformers.Trainer`` that fine-tunes with VCON and saves the merged compressed model.
 
     It takes every ``Trainer`` argument plus:
@@ -51,6 +54,9 @@ class VConTrainer(Trainer):
             models, ``quant`` and ``binary``, when the model allows it and the package is installed; dense
             otherwise), ``"dense"`` or ``"compressed-tensors"`` (see :mod:`hf_vcon.export`). An impossible choice
             raises here.
+        distillation: a :class:`~hf_vcon.DistillationConfig` to distil from a frozen teacher while compressing
+            (:class:`~hf_vcon.DistillationMixin`): by default the model as given, copied before it is patched; it is
+            ``trainer.teacher``.
 
     ``train()`` sets β from ``state.global_step`` in ``training_step``; ``save_model()`` writes the merged
     compressed model (plain ``from_pretrained`` loads it) with ``vcon_config.json`` and a model card, while the
@@ -67,10 +73,14 @@ class VConTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, vcon_config: Optional[VConConfig] = None, evaluate_compressed: bool = True,
-                 export_format: str = AUTO, **kwargs: Any):
+                 export_format: str = AUTO, distillation: Optional[DistillationConfig] = None, **kwargs: Any):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("VConTrainer needs model=: model_init (hyperparameter search) is not supported.")
+        if distillation is not None:
+            if not isinstance(distillation, DistillationConfig):
+                raise TypeError(f"distillation must be a DistillationConfig, not {type(distillation).__name__}.")
+            self.teacher = build_teacher(distillation, model)  # the model as given, before it is patched
         # save_model() exports, in the format the callback resolves
         self.vcon_callback = VConCallback(vcon_config, export_at_train_end=False, export_format=export_format)
         self.vcon_callback.attach(model)
@@ -78,7 +88,7 @@ class VConTrainer(Trainer):
         self.vcon_callback.evaluates_compressed = evaluate_compressed
         self._sharding_checked = False
         self._evaluating = False
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, distillation=distillation, **kwargs)
         self._prepare_distribution()
         # First in line, so the vcon/* values it adds to the logs reach every reporting callback.
         self.callback_handler.callbacks.insert(0, self.vcon_callback)

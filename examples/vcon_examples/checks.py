@@ -19,6 +19,7 @@ from hf_vcon.config import CONFIG_NAME as VCON_CONFIG_NAME
 from hf_vcon.export import COMPRESSED_TENSORS, resolve_export_format
 from hf_vcon.plan import plan_for, resolve_targets
 
+from .distill_flags import check_distill_checkpoint, check_distill_flags
 from .flags import UsageError, VConCommonArguments, flags_named
 
 logger = logging.getLogger("vcon_examples")
@@ -112,11 +113,17 @@ def check_checkpoint_fits(checkpoint: Optional[str], config: Optional[VConConfig
 
 def check_flags(training_args: TrainingArguments, vcon_args: VConCommonArguments,
                 overwrite: bool) -> tuple[Optional[VConConfig], Optional[str]]:
-    """Every check that needs no data and no model: the ``--vcon_*`` flags, the output folder, the checkpoint to
-    resume from and the Hub repo. Returns the VConConfig (``None`` for ``--vcon_method none``) and the checkpoint."""
+    """Every check that needs no data and no model: the ``--vcon_*`` flags (distillation's too), the output folder,
+    the checkpoint to resume from and the Hub repo. Returns the VConConfig (``None`` for ``--vcon_method none``) and
+    the checkpoint."""
     config = vcon_args.to_vcon_config()
+    distills = hasattr(vcon_args, "distillation_config")
+    if distills:
+        check_distill_flags(vcon_args, config is not None)
     checkpoint = check_output_dir(training_args, overwrite, compare=vcon_args.vcon_compare and config is not None)
     check_checkpoint_fits(checkpoint, config)
+    if distills:
+        check_distill_checkpoint(vcon_args, checkpoint)
     check_hub(training_args)
     return config, checkpoint
 

@@ -120,7 +120,7 @@ class VConCommonArguments:
 
     def option_values(self) -> dict[str, Any]:
         """The compression options given on the command line (``--vcon_<option>``), by option name."""
-        common = {f.name for f in dataclasses.fields(VConCommonArguments)}
+        common = {f.name for f in dataclasses.fields(VConCommonArguments)} | _distill_field_names()
         return {f.name[len("vcon_"):]: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in common and getattr(self, f.name) is not None}
 
@@ -152,7 +152,9 @@ class VConCommonArguments:
     def flag_for(self, message: str) -> str:
         """The ``--vcon_…`` flag(s) a library message (a layer that cannot take its compression…) is about."""
         common = [f.name[len("vcon_"):] for f in dataclasses.fields(VConCommonArguments)]
-        options = [f.name[len("vcon_"):] for f in dataclasses.fields(self) if f.name[len("vcon_"):] not in common]
+        distill = {name[len("vcon_"):] for name in _distill_field_names()}
+        options = [f.name[len("vcon_"):] for f in dataclasses.fields(self)
+                   if f.name[len("vcon_"):] not in common and f.name[len("vcon_"):] not in distill]
         return flags_named(message, [*common, *options]).split("/")[0]
 
 
@@ -184,8 +186,21 @@ def _option_fields() -> list[tuple[str, Any, Any]]:
             for name in helps]
 
 
-VConArguments = dataclasses.make_dataclass("VConArguments", _option_fields(), bases=(VConCommonArguments,))
-VConArguments.__doc__ = "Every ``--vcon_*`` flag; each maps to the VConConfig field (or option) of the same name."
+def _distill_field_names() -> set[str]:
+    from .distill_flags import distill_field_names  # it imports UsageError from here
+
+    return distill_field_names()
+
+
+def _bases() -> tuple[type, ...]:
+    from .distill_flags import VConDistillArguments
+
+    return (VConDistillArguments, VConCommonArguments)  # fields in this order: common, distillation, options
+
+
+VConArguments = dataclasses.make_dataclass("VConArguments", _option_fields(), bases=_bases())
+VConArguments.__doc__ = ("Every ``--vcon_*`` flag; each maps to the VConConfig field (or option) of the same name, "
+                         "and the ``--vcon_distill_*`` / ``--vcon_teacher_*`` flags to a DistillationConfig.")
 VConArguments.__module__ = __name__
 
 

@@ -14,10 +14,11 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from hf_vcon import VConConfig, VConTrainer, get_beta, vcon_summary
+from hf_vcon import DistillationConfig, VConConfig, VConTrainer, get_beta, vcon_summary
 from hf_vcon.reporting import warn_if_transition_outlasts_run
 from hf_vcon.summary import human_bytes
 
+from .distill_flags import TEACHER_FLAG, teacher_note
 from .flags import UsageError, VConCommonArguments
 
 logger = logging.getLogger("vcon_examples")
@@ -66,14 +67,33 @@ class Task:
 
 
 def make_trainer(model, args: TrainingArguments, config: Optional[VConConfig], task: Task, train: bool = True,
-                 export_format: str = "auto") -> Trainer:
+                 export_format: str = "auto", distillation: Optional[DistillationConfig] = None) -> Trainer:
     """A plain ``Trainer`` for ``config=None`` (the dense reference), else a :class:`~hf_vcon.VConTrainer` saving in
-    ``export_format``."""
+    ``export_format`` (distilling with ``distillation``, if given)."""
     kwargs = dict(model=model, args=args, train_dataset=task.train_dataset if train else None,
                   eval_dataset=task.eval_datasets.get(""), **task.trainer_kwargs)
     if config is None:
         return Trainer(**kwargs)
-    return VConTrainer(vcon_config=config, export_format=export_format, **kwargs)
+    return VConTrainer(vcon_config=config, export_format=export_format, distillation=distillation, **kwargs)
+
+
+def distillation_for(task: Task, vcon_args: Any, single: bool) -> Optional[DistillationConfig]:
+    """The flags' :class:`~hf_vcon.DistillationConfig`, the ``--vcon_teacher_model_name_or_path`` model loaded with
+    the task's auto class (``None`` without ``--vcon_distill_alpha``)."""
+    if not getattr(vcon_args, "distills", False):
+        return None
+    path = vcon_args.vcon_teacher_model_name_or_path
+    teacher = None
+    if path:
+        import transformers
+
+        auto_class = getattr(transformers, task.auto_class)
+        teacher = load_or_fail(TEACHER_FLAG, path, lambda: auto_class.from_pretrained(path))
+    elif single:
+        logger.warning("Distilling from the model as loaded from --model_name_or_path (copied before compression): it "
+                       f"must be fine-tuned on this task; otherwise pass {TEACHER_FLAG}, or use --vcon_compare (the "
+                       "dense arm's fine-tuned model is then the teacher).")
+    return vcon_args.distillation_config(teacher)
 
 
 def saved_model_metrics(metrics: dict[str, float], beta: float) -> dict[str, float]:
@@ -133,9 +153,10 @@ def _arm_args(args: TrainingArguments, output_dir: str, push: bool, checkpoints:
 
 
 def _single(task: Task, training_args: TrainingArguments, config: Optional[VConConfig],
-            checkpoint: Optional[str], export_format: str) -> dict:
+            checkpoint: Optional[str], export_format: str, distillation: Optional[DistillationConfig] = None) -> dict:
     set_seed(training_args.seed)
-    trainer = make_trainer(task.build_model(), training_args, config, task, export_format=export_format)
+    trainer = make_trainer(task.build_model(), training_args, config, task, export_format=export_format,
+                           distillation=distillation)
     _train(trainer, task, checkpoint)
     metrics = _evaluate(trainer, task) if training_args.do_eval else {}
     if training_args.do_predict and task.predict:
@@ -162,9 +183,13 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
     if config is None or not vcon_args.vcon_compare:
         if vcon_args.vcon_compare:
             logger.warning("--vcon_method none: no compression to compare; running the dense fine-tune only.")
-        return _single(task, training_args, config, checkpoint, vcon_args.vcon_export_format)
+        return _single(task, training_args, config, checkpoint, vcon_args.vcon_export_format,
+                       distillation_for(task, vcon_args, single=True))
     return compare(task, training_args, config, checkpoints=bool(CHECKPOINT_FLAGS & given),
-                   export_format=vcon_args.vcon_export_format)
+                   export_format=vcon_args.vcon_export_format,
+                   distillation=distillation_for(task, vcon_args, single=False),
+                   note=teacher_note(vcon_args.distillation_config() if getattr(vcon_args, "distills", False) else None,
+                                     getattr(vcon_args, "vcon_teacher_model_name_or_path", None)))
 
 
 def planned_steps(trainer: Trainer) -> int:
@@ -192,8 +217,10 @@ def _dense_arm(task: Task, training_args: TrainingArguments, config: VConConfig,
 
 
 def compare(task: Task, training_args: TrainingArguments, config: VConConfig, checkpoints: bool = False,
-            export_format: str = "auto") -> dict:
+            export_format: str = "auto", distillation: Optional[DistillationConfig] = None, note: str = "") -> dict:
     """Dense fine-tune, then post-shot (Q = 0) and VCON each from the dense fine-tuned weights; print the table.
+    With ``distillation`` both compressed arms distil (by default from the dense fine-tuned model); ``note`` is added
+    to the table's title.
 
     The dense and post-shot models go to ``<output_dir>/dense`` and ``<output_dir>/post-shot``; the VCON model (the
     product) to ``<output_dir>`` itself, with ``compare_results.json`` (also merged into ``all_results.json``) and
@@ -213,23 +240,23 @@ def compare(task: Task, training_args: TrainingArguments, config: VConConfig, ch
     logger.warning("*** Arm 2/3: post-shot (compress at once, then fine-tune) ***")
     post_config = dataclasses.replace(config, transition_steps=0)
     post = make_trainer(from_dense(), _arm_args(training_args, os.path.join(out, "post-shot"), False, checkpoints),
-                        post_config, task, export_format=export_format)
+                        post_config, task, export_format=export_format, distillation=distillation)
     _train(post, task)
     results["post-shot"] = _evaluate(post, task)
     del post
 
     logger.warning("*** Arm 3/3: VCON (β from 1 to 0 over the transition, then fine-tune) ***")
     vcon = make_trainer(from_dense(), _arm_args(training_args, out, True, checkpoints), config, task,
-                        export_format=export_format)
+                        export_format=export_format, distillation=distillation)
     _train(vcon, task)
     results["VCON"] = _evaluate(vcon, task)
     if training_args.do_predict and task.predict:
         task.predict(vcon)
-    return _report(task, training_args, config, vcon, results, dense_bytes)
+    return _report(task, training_args, config, vcon, results, dense_bytes, note)
 
 
 def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vcon: Trainer, results: dict,
-            dense_bytes: int) -> dict:
+            dense_bytes: int, note: str = "") -> dict:
     """The comparison's numbers, its table (printed, in compare_results.md and in the model card), the push."""
     out, key = training_args.output_dir, f"eval_{task.metric_key}"
     summary = vcon_summary(vcon.model)
@@ -241,7 +268,7 @@ def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vc
                            transition_steps=q, max_steps=vcon.state.max_steps)
     vcon.save_metrics("compare", compare_metrics)
     table = comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, vcon.state.max_steps,
-                             vcon.export_format)
+                             vcon.export_format, note)
     if training_args.should_save:
         with open(os.path.join(out, "compare_results.md"), "w", encoding="utf-8") as handle:
             handle.write(table + "\n")
@@ -253,11 +280,11 @@ def _report(task: Task, training_args: TrainingArguments, config: VConConfig, vc
 
 
 def comparison_table(task, config, summary, results, key, dense_bytes, model_after, q, max_steps,
-                     export_format: str = "dense") -> str:
+                     export_format: str = "dense", note: str = "") -> str:
     setting = ", ".join(summary.settings)
     lines = [
         f"VCON comparison: {task.description}; {config.method} ({setting}) on {len(summary.layers)} Linear layers; "
-        f"Q = {q} of {max_steps} optimizer steps per arm",
+        f"Q = {q} of {max_steps} optimizer steps per arm{note}",
         "",
         f"| arm | {key} | compressed layers | whole model |",
         "|---|---|---|---|",
