@@ -1,7 +1,9 @@
 """What VCON costs next to plain fine-tuning, as ratios against the dense baseline measured in the same run.
 
-BERT-base layer shapes (hidden 768, MLP 3072, 12 heads), a batch of 8 × 128 tokens, a full training step
-(forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
+A model of one of three shapes (``--shape``): BERT-base (hidden 768, MLP 3072, 12 heads; the default), MiniLM-L6
+(hidden 384, MLP 1536, 12 heads, as ``sentence-transformers/all-MiniLM-L6-v2``) or a Llama-style decoder of
+TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 32 query / 4 key-value heads), with ``--layers`` blocks and a batch of
+``--batch`` × ``--seq`` tokens; a full training step (forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
 alternates every repeat), so drift in a shared machine's load hits both; the table gives the median ratio over
 ``--repeats`` repeats after ``--warmup`` steps, with its spread (min–max). Peak training memory is measured in
 a fresh subprocess per variant (CPU: peak resident anonymous memory, sampled every millisecond, above its value
@@ -9,8 +11,9 @@ before the model is built, with glibc's mmap threshold fixed so freed tensors ar
 ``max_memory_allocated``). Then the inference latency of the exported low-rank model (``save_compressed`` →
 ``load_compressed``) against the merged dense model, whole model and targeted layers alone.
 
-    python benchmarks/overhead.py                       # CPU fp32, 2 layers
-    python benchmarks/overhead.py --device cuda --dtype bf16 --layers 12
+    python benchmarks/overhead.py                                        # CPU fp32, BERT-base, 2 layers, 8 x 128
+    python benchmarks/overhead.py --shape minilm --layers 6 --seq 32     # GLUE-like short sequences
+    python benchmarks/overhead.py --device cuda --dtype bf16 --layers 12 --batch 32
 
 Every step calls ``hf_vcon.set_step`` as the trainer does: ``transition`` rows use a schedule whose β stays
 strictly between 0 and 1, ``after`` rows Q = 0 (β = 0; low-rank then calls ``release_dense_paths``).
@@ -34,7 +37,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import hf_vcon  # noqa: E402
 from hf_vcon import VConConfig, apply_vcon, release_dense_paths, set_step  # noqa: E402
@@ -56,16 +59,20 @@ TARGETS = {
     "quant transition": ("time", "<= 1.10"), "quant after": ("time", "<= 1.05"),
     "lowrank transition": ("time", "<= 1.25"), "lowrank after": ("time", "< 1.0"),
 }
-MEMORY_TARGET = "<= 1.10 (prune, binary, quant)"
+MEMORY_TARGET = "<= 1.05 (prune, binary, quant)"
+# --shape -> (hidden, MLP, query heads, key-value heads); "llama" is a causal LM, the others BERT classifiers
+SHAPES = {"bert-base": (768, 3072, 12, 12), "minilm": (384, 1536, 12, 12), "llama": (2048, 5632, 32, 4)}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2, help="encoder layers (12 in BERT-base)")
+    parser.add_argument("--shape", default="bert-base", choices=list(SHAPES), help="the model's layer shapes")
+    parser.add_argument("--layers", type=int, default=2, help="blocks (12 in BERT-base, 6 in MiniLM-L6, 22 in TinyLlama)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522,
-                        help="30522 as BERT; a small vocabulary leaves the targeted layers a larger share of the step")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="30522 for the BERT shapes, 32000 for llama; a small vocabulary leaves the targeted "
+                             "layers a larger share of the step")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
@@ -78,23 +85,31 @@ def parse_args(argv=None):
     parser.add_argument("--no-timing", action="store_true", help="peak memory only")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vocab_size is None:
+        args.vocab_size = 32000 if args.shape == "llama" else 30522
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ setup
 def build_dense(args) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=args.vocab_size, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+    hidden, mlp, heads, kv_heads = SHAPES[args.shape]
+    if args.shape == "llama":
+        config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=hidden, intermediate_size=mlp,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=args.layers,
+                             max_position_embeddings=max(args.seq, 128))
+        return LlamaForCausalLM(config).to(args.device).train()
+    config = BertConfig(vocab_size=args.vocab_size, hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads,
                         num_hidden_layers=args.layers, max_position_embeddings=512, num_labels=2)
     return BertForSequenceClassification(config).to(args.device).train()
 
 
 def make_batch(args) -> dict:
     generator = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=generator),
-        "labels": torch.randint(0, 2, (args.batch,), generator=generator),
-    }
+    input_ids = torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=generator)
+    labels = input_ids if args.shape == "llama" else torch.randint(0, 2, (args.batch,), generator=generator)
+    batch = {"input_ids": input_ids, "labels": labels}
     return {key: value.to(args.device) for key, value in batch.items()}
 
 
@@ -217,7 +232,8 @@ def memory_child(args) -> None:
 
 
 def measure_memory(args, name: str) -> int:
-    command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--layers", str(args.layers),
+    command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--shape", args.shape,
+               "--layers", str(args.layers),
                "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
                "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -290,7 +306,7 @@ def main(argv=None) -> None:
         memory_child(args)
         return
     torch.set_num_threads(args.threads)
-    print(f"# hf_vcon overhead: BERT-base shapes, {args.layers} layer(s), vocab {args.vocab_size}, batch "
+    print(f"# hf_vcon overhead: {args.shape} shapes, {args.layers} layer(s), vocab {args.vocab_size}, batch "
           f"{args.batch}x{args.seq}, torch {torch.__version__}, {machine(args)}")
     print(f"# medians of {args.repeats} interleaved repeats after {args.warmup} warm-up steps\n")
 

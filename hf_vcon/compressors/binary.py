@@ -34,11 +34,12 @@ class Binarizer(WeightCompressor):
     example_options = ({}, {"binary_scale": "channel"})
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales (an L1 norm: no full-size |W| temporary)."""
+        """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales. |W| summed: on CPU twice as fast as
+        ``vector_norm(ord=1)``, for one transient |W| the size of this layer's weight."""
         weight = weight.detach()
         if self.options.binary_scale == "channel":
-            return torch.linalg.vector_norm(weight, ord=1, dim=1, keepdim=True) / weight.shape[1]
-        return torch.linalg.vector_norm(weight, ord=1) / weight.numel()
+            return weight.abs().sum(dim=1, keepdim=True) / weight.shape[1]
+        return weight.abs().sum() / weight.numel()
 
     def compress(self, weight):
         return torch.sign(weight) * self.scale(weight)

@@ -227,7 +227,7 @@ class MagnitudePruner(WeightCompressor):
         pruned = state.apply(weight) if isinstance(state, Cut) else weight * state
         if beta == 0.0:
             return pruned
-        return pruned.mul_(1.0 - beta).add_(weight, alpha=beta)  # kept: W; pruned: β·W
+        return pruned.lerp_(weight, beta)  # C + β·(W − C) in one pass: kept: W exactly; pruned: β·W
 
     def setting(self) -> str:
         return f"sparsity {self.options.sparsity:.3f} ({self.options.prune_pattern})"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole GPU table in one short slot (under 8 minutes on one GPU): bf16 training-step ratios against dense at
+# BERT-base (12 layers, 32 x 128 tokens) and at a Llama-style shape (TinyLlama-1.1B's layers, 4 blocks, 8 x 256),
+# with their peak-memory ratios, then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh).
+#
+#   bash benchmarks/gpu_check.sh                 # from the repository root, on a machine with a CUDA GPU
+#
+# Every part has its own time limit, so one that hangs cannot eat the others' time; each table is printed as it is
+# measured and kept under $OUT (default: a temporary folder). PYTHON chooses the interpreter (default: python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+LOGS=${OUT:-$(mktemp -d)}
+mkdir -p "$LOGS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s)"
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name: exit $rc"; status=1; }
+}
+
+step bert_base_bf16 140 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape bert-base --layers 12 \
+    --batch 32 --seq 128 --repeats 9 --warmup 3 --no-inference
+step llama_bf16 120 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape llama --layers 4 \
+    --batch 8 --seq 256 --repeats 7 --warmup 3 --recompute-every --no-inference
+step minilm_bf16 60 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape minilm --layers 6 \
+    --batch 8 --seq 32 --repeats 9 --warmup 3 --recompute-every --no-memory --no-inference
+OUT="$LOGS/distributed" step distributed 150 bash benchmarks/distributed_gpu_check.sh
+exit "$status"
