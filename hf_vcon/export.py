@@ -11,12 +11,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .state import layer_tensors, replaced_keys, require_state, unwrap_model
+from .state import config_changes, layer_tensors, replaced_keys, require_state, resized_config, unwrap_model
 from .summary import VConSummary, vcon_summary
 
 def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The state dict of ``merge_and_unload(model)`` without touching the model: keys of the base architecture,
-    each targeted weight replaced by its compressed form (β = 0).
+    each targeted weight replaced by its compressed form (β = 0), smaller where the compression removes rows or
+    columns (structured pruning; :func:`~hf_vcon.state.config_changes` gives the config that fits it).
 
     Args:
         model: a model patched by :func:`hf_vcon.apply_vcon` (possibly inside DDP/FSDP wrappers).
@@ -29,8 +30,10 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     layer_wise = state.granularity.layer_wise_state_dict(state, source)
     merged = {renamed.get(key, key): value for key, value in layer_wise.items() if key not in dropped}
     with torch.no_grad():
-        for name, layer, weight, params in layer_tensors(state, source):
-            merged[layer.merged_key(name)] = layer.stored(layer.compress(weight, params))
+        tensors = list(layer_tensors(state, source))
+        latent = {name: weight for name, _, weight, _ in tensors}  # coupled compressions read their group here
+        for name, layer, weight, params in tensors:
+            merged.update(layer.merged_state(name, weight, params, merged, latent))
     return merged
 
 
@@ -42,11 +45,15 @@ def save_merged(
 ) -> VConSummary:
     """Write the merged compressed model (safetensors + ``config.json``) and ``vcon_config.json`` to ``output_dir``.
 
-    The patched model itself is left as it is (training can go on). Returns the summary of the compression.
+    The patched model itself is left as it is (training can go on); where the compression changes the model's sizes
+    (structured pruning), ``config.json`` says the new ones. Returns the summary of the compression.
     """
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
     source = state_dict if state_dict is not None else inner.state_dict()
+    changes = config_changes(state)
     inner.save_pretrained(output_dir, state_dict=merged_state_dict(inner, source), **save_kwargs)
+    if changes:  # save_pretrained wrote the model's own config (architectures, dtype): the same with the new sizes
+        resized_config(inner.config, changes).save_pretrained(output_dir)
     state.config.save_pretrained(output_dir)
     return vcon_summary(inner, source)

@@ -20,7 +20,7 @@ from .layers import ForwardAudit, VConLinear
 from .layerwise import LayerWise
 from .parametrized import VConWeight
 from .plan import MAX_NAMES_SHOWN
-from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, require_state, unwrap_model
+from .state import STATE_ATTRIBUTE, VConState, config_changes, get_vcon_state, require_state, unwrap_model
 from .transitions import set_state_step, transition_of
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -289,8 +289,9 @@ def check_finite(state: VConState) -> None:
 def merge_and_unload(model: ModelT) -> ModelT:
     """Fold the compressed weights (β = 0) into plain ``nn.Linear``/``Conv1D`` modules, in place.
 
-    The result has exactly the state-dict keys and shapes of the unpatched architecture, so ``save_pretrained``
-    then plain ``from_pretrained`` loads it without hf_vcon.
+    The result has exactly the state-dict keys of the unpatched architecture, and its shapes; where the compression
+    removes rows or columns (structured pruning) the layers are smaller and ``model.config`` says their sizes. So
+    ``save_pretrained`` then plain ``from_pretrained`` loads it without hf_vcon.
 
     Returns:
         The same ``model`` object, now without VCON layers.
@@ -301,9 +302,12 @@ def merge_and_unload(model: ModelT) -> ModelT:
     model = unwrap_model(model)
     state = require_state(model, "merge_and_unload")
     check_finite(state)
+    changes = config_changes(state)
     with torch.no_grad():
         for name, holder in zip(state.holder_names, state.holders):
             holder.detach_from(model, name, merge=True)
+    for key, value in changes.items():
+        setattr(model.config, key, value)
     delattr(model, STATE_ATTRIBUTE)
     _remove_audit(model)
     return model
