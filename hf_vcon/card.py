@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .state import require_state, unwrap_model
+from .state import config_changes, require_state, resized_config, unwrap_model
 from .summary import VConSummary
 from .version import __version__
 
@@ -144,6 +144,30 @@ def _compression_rows(config, summary: VConSummary, base_model: Optional[str], t
     return rows
 
 
+def _parameter_count(model: nn.Module, config) -> Optional[int]:
+    """The parameters of ``model``'s class built from ``config`` (on the meta device: no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            return sum(param.numel() for param in type(model)._from_config(config).parameters())
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a class transformers cannot build from a config
+        return None
+
+
+def _size_rows(model: nn.Module, state) -> list[str]:
+    """Where the compression makes the model smaller (structured pruning): its config sizes and parameters before →
+    after, and the speedup measured when it was saved."""
+    changes = config_changes(state)
+    if not changes:
+        return []
+    rows = [f"| {key} | {getattr(model.config, key, None) or 'default'} → {value} |" for key, value in changes.items()]
+    before, after = _parameter_count(model, model.config), _parameter_count(model, resized_config(model.config, changes))
+    if before and after:
+        rows.append(f"| parameters of the model | {before:,} → {after:,} ({after / before:.3f}×) |")
+    speedup = state.measured_speedup
+    rows.append(f"| measured speedup | {speedup if speedup else 'not measured'} |")
+    return rows
+
+
 def _usage_lines(model: nn.Module, repo_id: str) -> list[str]:
     auto = auto_class_name(model)
     return ["## How to use", "", "No hf_vcon is needed: the folder is a plain transformers checkpoint.", "",
@@ -235,6 +259,7 @@ def model_card(
         "## Compression",
         "",
         *_compression_rows(config, summary, base_model, transition_steps, details.steps_trained),
+        *_size_rows(inner, require_state(inner, "model_card")),
         "",
         "Layers per setting:",
         "",

@@ -27,6 +27,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .errors import VConError
 from .model import check_finite
 from .state import VConState, replaced_keys, require_state, unwrap_model
 from .version import __version__

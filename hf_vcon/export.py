@@ -6,7 +6,8 @@ main process instead of the sharded tensors the modules hold.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -37,6 +38,21 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     return merged
 
 
+@contextmanager
+def _config_of_merged_model(model: nn.Module, changes: dict) -> Iterator[None]:
+    """Within the block ``model.config`` is a copy with the merged model's sizes, so that ``save_pretrained`` writes
+    ``config.json`` once, as transformers writes it, with the sizes of the tensors it saves."""
+    if not changes:
+        yield
+        return
+    config = model.config
+    model.config = resized_config(config, changes)
+    try:
+        yield
+    finally:
+        model.config = config
+
+
 def save_merged(
     model: nn.Module,
     output_dir: str,
@@ -51,9 +67,7 @@ def save_merged(
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
     source = state_dict if state_dict is not None else inner.state_dict()
-    changes = config_changes(state)
-    inner.save_pretrained(output_dir, state_dict=merged_state_dict(inner, source), **save_kwargs)
-    if changes:  # save_pretrained wrote the model's own config (architectures, dtype): the same with the new sizes
-        resized_config(inner.config, changes).save_pretrained(output_dir)
+    with _config_of_merged_model(inner, config_changes(state)):
+        inner.save_pretrained(output_dir, state_dict=merged_state_dict(inner, source), **save_kwargs)
     state.config.save_pretrained(output_dir)
     return vcon_summary(inner, source)

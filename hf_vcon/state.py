@@ -80,6 +80,7 @@ class VConState:
     holders: list[nn.Module] = field(repr=False)
     compression_version: int = 0
     audit_pending: bool = False  # the first forward still has to show that no layer is bypassed
+    measured_speedup: Optional[Any] = None  # the last export's hf_vcon.speed.Speedup, for cards written later
 
     @property
     def blocks(self) -> list[nn.Module]:

@@ -66,8 +66,10 @@ class CoupledGroup:
         return [unit.latent_weight() for unit in self.units]
 
     def token(self) -> tuple:
-        """The versions of the group's latent weights (an optimizer step moves them all)."""
-        return tuple((weight._version, weight.data_ptr()) for weight in self._latent())
+        """The units' optimizer steps and the versions of their latent weights: what the kept set depends on (a fused
+        optimizer updates weights without bumping their versions; the step tells)."""
+        return tuple((unit.optimizer_step, weight._version, weight.data_ptr())
+                     for unit, weight in zip(self.units, self._latent()))
 
     def kept(self, keep: int, given: dict[str, torch.Tensor]) -> torch.Tensor:
         """The boolean ``(units,)`` mask of the ``keep`` best units, from the weights in ``given`` (by layer name,
@@ -77,7 +79,7 @@ class CoupledGroup:
             return self._select(keep, [given[name] for name in names])
         live = self._latent()
         weights = [given.get(name, weight) for name, weight in zip(names, live)]
-        key = (keep, tuple((weight._version, weight.data_ptr()) for weight in live))
+        key = (keep, self.token())
         cacheable = all(_same_tensor(weight, other) for weight, other in zip(weights, live))
         if cacheable and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
