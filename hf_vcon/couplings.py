@@ -30,7 +30,9 @@ ROWS, COLUMNS = "rows", "columns"
 @dataclass(frozen=True)
 class NeuronCoupling:
     """The MLP of a block: ``producers`` compute the intermediate neurons (one output row each), ``consumers`` read
-    them (one input column each); ``size_field`` is the config field holding the number of neurons per block.
+    them (one input column each); ``size_field`` is the config field holding the number of neurons per block (a
+    tuple of fields where encoder and decoder have one each, such as BART's ``encoder_ffn_dim`` and
+    ``decoder_ffn_dim``: every block must then have the same size).
 
     Example:
         >>> NeuronCoupling(producers=("mlp.w1", "mlp.w3"), consumers=("mlp.w2",), size_field="ffn_dim")
@@ -39,13 +41,18 @@ class NeuronCoupling:
 
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
-    size_field: str
+    size_field: Union[str, tuple[str, ...]]
     kind = "neurons"
 
     def __post_init__(self) -> None:
         _check_suffixes(self, producers=self.producers, consumers=self.consumers)
-        if not isinstance(self.size_field, str) or not self.size_field:
-            raise TypeError(f"size_field={self.size_field!r} must name the config field of the block's neuron count.")
+        fields = (self.size_field,) if isinstance(self.size_field, str) else self.size_field
+        if not isinstance(fields, tuple) or not fields or not all(isinstance(f, str) and f for f in fields):
+            raise TypeError(f"size_field={self.size_field!r} must name the config field(s) of the block's neuron count.")
+
+    @property
+    def size_fields(self) -> tuple[str, ...]:
+        return (self.size_field,) if isinstance(self.size_field, str) else self.size_field
 
     def members(self) -> tuple[tuple[str, str], ...]:
         return tuple((suffix, ROWS) for suffix in self.producers) + tuple((suffix, COLUMNS) for suffix in self.consumers)
@@ -54,11 +61,12 @@ class NeuronCoupling:
         return shapes[self.producers[0]][0]
 
     def config_changes(self, kept: int, widths: dict[str, int]) -> dict[str, int]:
-        return {self.size_field: kept}
+        return {field: kept for field in self.size_fields}
 
     def check_config(self, config: Any) -> Optional[str]:
-        if not hasattr(config, self.size_field):
-            return f"its config has no field {self.size_field!r} to hold the smaller MLP size"
+        missing = [field for field in self.size_fields if not hasattr(config, field)]
+        if missing:
+            return f"its config has no field {missing[0]!r} to hold the smaller MLP size"
         return None
 
     def check_widths(self, widths: dict[str, int]) -> Optional[str]:
@@ -124,28 +132,56 @@ def _check_suffixes(coupling: Any, **groups: tuple[str, ...]) -> None:
                             "suffixes such as ('mlp.up_proj',).")
 
 
-_BERT_MLP = NeuronCoupling(("intermediate.dense",), ("output.dense",), "intermediate_size")
-_VIT_MLP = NeuronCoupling(("mlp.fc1",), ("mlp.fc2",), "intermediate_size")  # transformers 5 names ViT's MLP this way
-_GPT2_MLP = NeuronCoupling(("mlp.c_fc",), ("mlp.c_proj",), "n_inner")
-_GLU_MLP = NeuronCoupling(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "intermediate_size")
-_GQA_HEADS = HeadCoupling("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+def _mlp(producers: Union[str, tuple[str, ...]], consumer: str, size_field: Union[str, tuple[str, ...]]) -> NeuronCoupling:
+    return NeuronCoupling((producers,) if isinstance(producers, str) else producers, (consumer,), size_field)
 
-# model_type → the couplings of its blocks. An entry lists alternatives of one kind where transformers versions name
-# the layers differently; each entry here is checked by the test suite (logits of the smaller model, reloaded).
+
+def _heads(query: str, key: str, value: str, output: str, prefix: str = "self_attn.") -> HeadCoupling:
+    return HeadCoupling(prefix + query, prefix + key, prefix + value, prefix + output)
+
+
+_BERT_MLP = _mlp("intermediate.dense", "output.dense", "intermediate_size")
+_FC_MLP = _mlp("mlp.fc1", "mlp.fc2", "intermediate_size")  # transformers 5 names ViT's and BEiT's MLP this way
+_AUDIO_MLP = _mlp("intermediate_dense", "output_dense", "intermediate_size")  # wav2vec2 (conformer: ffn1 and ffn2)
+_GPT2_MLP = _mlp("mlp.c_fc", "mlp.c_proj", "n_inner")
+_GPTJ_MLP = _mlp("mlp.fc_in", "mlp.fc_out", "n_inner")
+_NEOX_MLP = _mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "intermediate_size")
+_GLU_MLP = _mlp(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
+_T5_MLPS = (_mlp("DenseReluDense.wi", "DenseReluDense.wo", "d_ff"),  # the two kinds of T5 feed-forward
+            _mlp(("DenseReluDense.wi_0", "DenseReluDense.wi_1"), "DenseReluDense.wo", "d_ff"))
+_SEQ2SEQ_MLP = _mlp("fc1", "fc2", ("encoder_ffn_dim", "decoder_ffn_dim"))
+_GQA_HEADS = _heads("q_proj", "k_proj", "v_proj", "o_proj")
+
+# model_type → the couplings of its blocks. Alternatives of one kind are tried in order (transformers versions name
+# some layers differently); the first one the model has is used. Every entry is checked by the architecture sweep
+# (tests/test_architectures.py): the smaller model, reloaded, gives the logits of the patched one at β = 0.
 _BUILT_IN: dict[str, tuple[Coupling, ...]] = {
-    "bert": (_BERT_MLP,),
-    "roberta": (_BERT_MLP,),
-    "camembert": (_BERT_MLP,),
-    "xlm-roberta": (_BERT_MLP,),
-    "electra": (_BERT_MLP,),
-    "ernie": (_BERT_MLP,),
-    "vit": (_VIT_MLP, _BERT_MLP),
-    "deit": (_VIT_MLP, _BERT_MLP),
+    **{name: (_BERT_MLP,) for name in (
+        "bert", "roberta", "camembert", "xlm-roberta", "data2vec-text", "electra", "ernie", "megatron-bert", "roformer",
+        "convbert", "nystromformer", "big_bird", "longformer", "mpnet", "deberta", "deberta-v2", "data2vec-vision")},
+    **{name: (_FC_MLP, _BERT_MLP) for name in ("vit", "deit", "beit", "audio-spectrogram-transformer")},
+    **{name: (_AUDIO_MLP,) for name in (
+        "wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech", "wav2vec2-conformer")},
     "gpt2": (_GPT2_MLP,),
-    "llama": (_GLU_MLP, _GQA_HEADS),
-    "mistral": (_GLU_MLP, _GQA_HEADS),
-    "qwen2": (_GLU_MLP, _GQA_HEADS),
-    "qwen3": (_GLU_MLP, _GQA_HEADS),
+    "gpt_bigcode": (_GPT2_MLP,),
+    "gptj": (_GPTJ_MLP,),
+    "codegen": (_GPTJ_MLP,),
+    "gpt_neox": (_NEOX_MLP,),
+    "falcon": (_mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "ffn_hidden_size"),),
+    **{name: (_GLU_MLP, _GQA_HEADS) for name in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "granite")},
+    **{name: (_GLU_MLP,) for name in ("olmo2", "cohere", "stablelm")},
+    "starcoder2": (_mlp("mlp.c_fc", "mlp.c_proj", "intermediate_size"), _GQA_HEADS),
+    "phi": (_FC_MLP, _heads("q_proj", "k_proj", "v_proj", "dense")),
+    **{name: _T5_MLPS for name in ("t5", "mt5", "umt5", "longt5")},
+    **{name: (_SEQ2SEQ_MLP,) for name in (
+        "bart", "mbart", "pegasus", "marian", "blenderbot", "m2m_100", "led", "whisper", "speech_to_text")},
+    "prophetnet": (_mlp("feed_forward.intermediate", "feed_forward.output", ("encoder_ffn_dim", "decoder_ffn_dim")),),
+    "opt": (_mlp("fc1", "fc2", "ffn_dim"),),
+    "distilbert": (_mlp("ffn.lin1", "ffn.lin2", "hidden_dim"),),
+    "albert": (_mlp("ffn", "ffn_output", "intermediate_size"),),
+    "xlnet": (_mlp("ff.layer_1", "ff.layer_2", "d_inner"),),
+    "funnel": (_mlp("ffn.linear_1", "ffn.linear_2", "d_inner"),),
 }
 _REGISTERED: dict[str, tuple[Coupling, ...]] = {}
 

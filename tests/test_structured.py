@@ -232,16 +232,14 @@ def test_what_structured_pruning_cannot_express_is_refused_before_the_model_chan
     assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
 
-def test_an_unknown_architecture_is_refused_naming_it_and_how_to_declare_it():
-    model = by_key("opt").build()
-    with pytest.raises(ValueError, match=r"'opt' model are coupled.*register_coupling\('opt'"):
-        apply_vcon(model, VConConfig(method="structured"))
-
-
-def test_a_declared_coupling_prunes_a_custom_architecture(monkeypatch, tmp_path):
+def test_an_unknown_architecture_is_refused_and_a_declared_coupling_prunes_it(monkeypatch, tmp_path):
     monkeypatch.setattr(couplings, "_REGISTERED", {})
-    register_coupling("opt", NeuronCoupling(producers=("fc1",), consumers=("fc2",), size_field="ffn_dim"))
+    monkeypatch.delitem(couplings._BUILT_IN, "opt")  # OPT as a model type the table does not know
     case, original = by_key("opt"), by_key("opt").build()
+    with pytest.raises(ValueError, match=r"'opt' model are coupled.*register_coupling\('opt'"):
+        apply_vcon(copy.deepcopy(original), VConConfig(method="structured"))
+
+    register_coupling("opt", NeuronCoupling(producers=("fc1",), consumers=("fc2",), size_field="ffn_dim"))
     model = apply_vcon(copy.deepcopy(original), VConConfig(method="structured", neuron_sparsity=0.25))
     set_beta(model, 0.0)
     expected = output(model, case)
@@ -251,6 +249,19 @@ def test_a_declared_coupling_prunes_a_custom_architecture(monkeypatch, tmp_path)
     torch.testing.assert_close(output(reloaded, case), expected, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="one coupling per kind"):
         register_coupling("x", NeuronCoupling(("a",), ("b",), "n"), NeuronCoupling(("c",), ("d",), "n"))
+
+
+def test_a_coupling_that_does_not_fit_the_model_is_refused(monkeypatch):
+    monkeypatch.setattr(couplings, "_REGISTERED", {})
+    register_coupling("bert", NeuronCoupling(("intermediate.dense",), ("output.proj",), "intermediate_size"))
+    with pytest.raises(ValueError, match=r"block 'bert.encoder.layer.0' has .* but not the layers it is coupled with"):
+        apply_vcon(tiny_bert(), VConConfig(method="structured"))
+    register_coupling("bert", NeuronCoupling(("intermediate.dense",), ("attention.output.dense",), "intermediate_size"))
+    with pytest.raises(ValueError, match=r"has 32 columns, which do not split into the 64 neurons"):
+        apply_vcon(tiny_bert(), VConConfig(method="structured"))
+    register_coupling("bert", NeuronCoupling(("intermediate.dense",), ("output.dense",), "ffn_size"))
+    with pytest.raises(ValueError, match="its config has no field 'ffn_size'"):
+        apply_vcon(tiny_bert(), VConConfig(method="structured"))
 
 
 def test_the_compact_format_refuses_and_points_to_the_merged_model(tmp_path):
