@@ -232,6 +232,15 @@ def test_what_structured_pruning_cannot_express_is_refused_before_the_model_chan
     assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
 
+def test_heads_whose_count_the_config_validator_rejects_are_refused_at_apply_vcon():
+    # LlamaConfig checks hidden_size % num_attention_heads even with an explicit head_dim: 3 of 4 groups = 6 heads
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4,
+                                      head_dim=8, num_hidden_layers=1, vocab_size=50)
+    with pytest.raises(ValueError, match=r"(?s)'num_attention_heads': 6.*transformers refuses.*divides hidden_size"):
+        apply_vcon(transformers.LlamaModel(config), VConConfig(method="structured", head_sparsity=0.25))
+    apply_vcon(transformers.LlamaModel(config), VConConfig(method="structured", head_sparsity=0.5))
+
+
 def test_an_unknown_architecture_is_refused_and_a_declared_coupling_prunes_it(monkeypatch, tmp_path):
     monkeypatch.setattr(couplings, "_REGISTERED", {})
     monkeypatch.delitem(couplings._BUILT_IN, "opt")  # OPT as a model type the table does not know

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..couplings import Block, couplings_for, find_blocks, known_model_types
+from ..state import resized_config
 from .prune import kept_count
 
 _SHOWN = 6
@@ -54,7 +55,32 @@ def plan_blocks(model: nn.Module, names: list[str], compressors: list) -> tuple[
     for kind in kinds:
         blocks += _blocks_of_kind(model, model_type, [c for c in couplings if c.kind == kind], options)
     _check_targeted(blocks, names)
+    _check_expressible(config, model_type, blocks, options)
     return options, blocks
+
+
+def _check_expressible(config: Any, model_type: Any, blocks: list[Block], options: Any) -> None:
+    """Refuse a setting whose smaller config the model type's own validator rejects (e.g. Llama's
+    ``hidden_size % num_attention_heads == 0``, checked by ``save_pretrained`` even with an explicit ``head_dim``)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate) or not blocks:
+        return
+    try:
+        validate()
+    except Exception:  # noqa: BLE001 - a config that fails its own check already: nothing to compare against
+        return
+    changes = {}
+    for block in {block.coupling.kind: block for block in blocks}.values():
+        option = getattr(options, _OPTION_OF_KIND[block.coupling.kind])
+        changes.update(block.config_changes(kept_count(block.units, option)))
+    try:
+        resized_config(config, changes).validate()
+    except Exception as error:  # noqa: BLE001 - the config's own check, whatever it raises
+        raise ValueError(
+            f"method='structured' (neuron_sparsity={options.neuron_sparsity}, head_sparsity={options.head_sparsity}) "
+            f"would write a {model_type!r} config with {changes}, which transformers refuses: "
+            f"{str(error).rstrip('.')}. Choose a sparsity whose kept sizes the config accepts "
+            "(for heads: a number of query heads that divides hidden_size).") from error
 
 
 def _one_setting(names: list[str], compressors: list) -> Any:
