@@ -5,7 +5,8 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
 
 - ``post-shot``: ``transition_steps=0`` (compress at once, then fine-tune);
 - ``vcon``:      ``transition_steps=Q`` (β from 1 to 0 over Q steps, then fine-tune the compressed model);
-- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³).
+- ``gmp``:       methods with a gradual option (prune, structured), ``transition="gmp"``: a hard mask whose
+                 sparsity rises as s·(1 − (1 − t/Q)³).
 
 The final number of every arm is the test accuracy of the compressed model (β = 0, full compression) after the
 last step; there is no early stopping or checkpoint selection. Outputs in ``--out``: ``results.jsonl`` (one line per
@@ -39,6 +40,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_vcon import VConConfig, VConTrainer  # noqa: E402
+from hf_vcon.compressors import compressor_class  # noqa: E402
 from report import plot_regimes, write_q_sweep, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
@@ -47,7 +49,7 @@ DEFAULTS = {
     "vision": dict(steps=100, dense_steps=1500, lr=1e-3, dense_lr=1e-3, batch_size=64, eval_every=10),
     "text": dict(steps=300, dense_steps=300, lr=2e-4, dense_lr=5e-5, batch_size=16, eval_every=50),
 }
-METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio"}
+METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio", "structured": "neuron_sparsity"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_every", type=int, help="steps between the evaluations drawn as curves")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--rank_ratio", type=float, default=1 / 12, help="lowrank r / min(in, out) (paper: 16/192)")
+    parser.add_argument("--neuron_sparsity", type=float, default=0.5, help="structured: the MLP neurons removed")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
     parser.add_argument("--text_test", type=int, default=500, help="test snippets (the final numbers)")
@@ -166,8 +169,15 @@ def compression_setting(method: str, args) -> dict:
     return {flag: getattr(args, flag)} if flag else {}
 
 
+def settings_text(methods: list[str], args) -> str:
+    """The compression settings of the methods run, for the table's header."""
+    shown = {"prune": f"prune sparsity {args.sparsity}", "lowrank": f"lowrank rank_ratio {args.rank_ratio:.4g}",
+             "structured": f"structured neuron_sparsity {args.neuron_sparsity:g}"}
+    return "".join(f"{shown[method]}, " for method in methods if method in shown)
+
+
 def run_key(record: dict) -> tuple:
-    setting = record.get("sparsity", record.get("rank_ratio"))
+    setting = record.get("sparsity", record.get("rank_ratio", record.get("neuron_sparsity")))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
             None if setting is None else round(setting, 6))
@@ -207,7 +217,7 @@ def main(argv=None) -> None:
                 plan += [(method, "post-shot" if q == 0 else "vcon", q) for q in sweep]
             else:
                 plan += [(method, "post-shot", 0.0), (method, "vcon", args.transition)]
-                if method == "prune" and not args.no_gmp:
+                if compressor_class(method).gradual_option is not None and not args.no_gmp:
                     plan.append((method, "gmp", args.transition))
         records = []
         for seed in seeds:
@@ -230,8 +240,7 @@ def main(argv=None) -> None:
             continue
         dense_accuracy = records[0]["dense_accuracy"]
         header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-                  f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
-                  f"lowrank rank_ratio {args.rank_ratio:.4g}, "
+                  f"AdamW lr {args.lr} ({args.lr_scheduler}), {settings_text(methods, args)}"
                   f"seeds {','.join(str(seed) for seed in sorted({r['seed'] for r in records}))}")
         if sweep:
             name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
