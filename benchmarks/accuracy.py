@@ -169,6 +169,19 @@ def compression_setting(method: str, args) -> dict:
     return {flag: getattr(args, flag)} if flag else {}
 
 
+def arm_plan(methods: list[str], sweep, args) -> list[tuple[str, str, float]]:
+    """(method, arm, Q) of every run per seed: the Q sweep, or post-shot, VCON and (methods with a gradual option) GMP."""
+    plan = []
+    for method in methods:
+        if sweep:
+            plan += [(method, "post-shot" if q == 0 else "vcon", q) for q in sweep]
+        else:
+            plan += [(method, "post-shot", 0.0), (method, "vcon", args.transition)]
+            if compressor_class(method).gradual_option is not None and not args.no_gmp:
+                plan.append((method, "gmp", args.transition))
+    return plan
+
+
 def settings_text(methods: list[str], args) -> str:
     """The compression settings of the methods run, for the table's header."""
     shown = {"prune": f"prune sparsity {args.sparsity}", "lowrank": f"lowrank rank_ratio {args.rank_ratio:.4g}",
@@ -211,14 +224,7 @@ def main(argv=None) -> None:
                                          "max_length": args.text_max_length} if task_name == "text" else {}))
         print(f"[{task_name}] {task.description}", flush=True)
         state_dict, dense_accuracy = (None, None) if args.report_only else dense_model(task, args)
-        plan = []
-        for method in methods:
-            if sweep:
-                plan += [(method, "post-shot" if q == 0 else "vcon", q) for q in sweep]
-            else:
-                plan += [(method, "post-shot", 0.0), (method, "vcon", args.transition)]
-                if compressor_class(method).gradual_option is not None and not args.no_gmp:
-                    plan.append((method, "gmp", args.transition))
+        plan = arm_plan(methods, sweep, args)
         records = []
         for seed in seeds:
             for method, arm, q in plan:

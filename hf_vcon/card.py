@@ -209,6 +209,12 @@ def _card_data(base_model: Optional[str], tags: list[str], model_name: Optional[
                          license=details.license)
 
 
+_INTRO = ("This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
+          "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
+          "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
+          "compressed model (β = 0), stored densely so that `from_pretrained` loads them without hf_vcon.")
+
+
 def model_card(
     model: nn.Module,
     summary: VConSummary,
@@ -249,10 +255,7 @@ def model_card(
     lines = [
         f"# {model_name or 'VCON-compressed model'}",
         "",
-        "This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
-        "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
-        "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
-        "compressed model (β = 0), stored densely so that `from_pretrained` loads them without hf_vcon.",
+        _INTRO,
         "",
         *_usage_lines(inner, details.repo_id or f"path/to/{model_name or 'this-folder'}"),
         "",
