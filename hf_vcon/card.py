@@ -272,7 +272,6 @@ def model_card(
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:
         lines += ["", "## Comparison", "", details.comparison]
-    lines += ["", "## Framework versions", ""]
-    lines += [f"- {name} {version}" for name, version in _framework_versions().items()]
+    lines += ["", "## Framework versions", "", *(f"- {name} {version}" for name, version in _framework_versions().items())]
     card_data = _card_data(base_model, tags, model_name, details)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
