@@ -6,7 +6,8 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
 
 - ``post-shot``: ``transition_steps=0`` (compress at once, then fine-tune);
 - ``vcon``:      ``transition_steps=Q`` (β from 1 to 0 over Q steps, then fine-tune the compressed model);
-- ``gmp``:       prune only, ``transition="gmp"``: a hard mask whose sparsity rises as s·(1 − (1 − t/Q)³);
+- ``gmp``:       methods with a gradual option (prune, structured), ``transition="gmp"``: a hard mask whose
+                 sparsity rises as s·(1 − (1 − t/Q)³);
 - ``ptq``:       quant only, the dense model quantized (round to nearest, absmax scales) with no training at all.
 
 ``--methods quant`` runs each of ``--quant_settings`` (bits:strategy) as a method of its own. The ``clm`` task reports
@@ -57,6 +58,7 @@ from hf_vcon import (  # noqa: E402
     cache_teacher_logits,
     set_beta,
 )
+from hf_vcon.compressors import compressor_class  # noqa: E402
 from report import plot_regimes, write_kd_table, write_q_sweep, write_quant_table, write_table  # noqa: E402
 from tasks import build_task  # noqa: E402
 
@@ -69,7 +71,8 @@ DEFAULTS = {
     "clm": dict(steps=150, dense_steps=1000, lr=5e-4, dense_lr=2e-3, batch_size=16, eval_every=25, group_size=128,
                 eval_batch_size=32),
 }
-METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio", "quant": None}
+METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio", "quant": None,
+                   "structured": "neuron_sparsity"}
 QUANT_KEYS = ("bits", "strategy", "group_size", "clip_search")
 
 
@@ -96,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip_search", action="store_true", help="quant: least-squares clipping instead of absmax")
     parser.add_argument("--eval_batch_size", type=int)
     parser.add_argument("--arms", default="", help="comma list: run only these arms (post-shot, vcon, gmp, ptq)")
+    parser.add_argument("--neuron_sparsity", type=float, default=0.5, help="structured: the MLP neurons removed")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
     parser.add_argument("--text_test", type=int, default=500, help="test snippets (the final numbers)")
@@ -266,8 +270,15 @@ def kd_setting(arm: str, args) -> dict:
     return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature} if arm.endswith("+kd") else {}
 
 
+def settings_text(methods: list[str], args) -> str:
+    """The compression settings of the methods run, for the table's header."""
+    shown = {"prune": f"prune sparsity {args.sparsity}", "lowrank": f"lowrank rank_ratio {args.rank_ratio:.4g}",
+             "structured": f"structured neuron_sparsity {args.neuron_sparsity:g}"}
+    return "".join(f"{shown[method]}, " for method in methods if method in shown)
+
+
 def run_key(record: dict) -> tuple:
-    setting = record.get("sparsity", record.get("rank_ratio"))
+    setting = record.get("sparsity", record.get("rank_ratio", record.get("neuron_sparsity")))
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
             None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS),
@@ -293,7 +304,7 @@ def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
                 plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
                 continue
             plan += [(method, "post-shot", 0.0, options), (method, "vcon", args.transition, options)]
-            if method == "prune" and not args.no_gmp:
+            if compressor_class(method).gradual_option is not None and not args.no_gmp:
                 plan.append((method, "gmp", args.transition, options))
             if method == "quant":
                 plan.append((method, "ptq", 0.0, options))
@@ -344,8 +355,8 @@ def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
     if not records:
         return
     header = (f"{task.description}; every arm {args.steps} optimizer steps, batch {args.batch_size}, "
-              f"AdamW lr {args.lr} ({args.lr_scheduler}), prune sparsity {args.sparsity}, "
-              f"lowrank rank_ratio {args.rank_ratio:.4g}, seeds {seeds_of(records)}")
+              f"AdamW lr {args.lr} ({args.lr_scheduler}), "
+              f"{settings_text(list(dict.fromkeys(r['method'] for r in records)), args)}seeds {seeds_of(records)}")
     if sweep:
         name = f"{args.steps} steps {args.schedule} lr {args.lr:g}"
         write_q_sweep(records, dense_accuracy, args.out, task.name, header + f"; {args.schedule} β", name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import defaultdict
 
@@ -58,6 +59,9 @@ def write_table(records: list[dict], dense: float, out: str, task: str, header: 
         lines.append(f"| {method} | {100 * dense:.2f} | {_pm(list(post.values()))} | {_pm(list(vcon.values()))} | "
                      f"{_pm(list(gmp.values()))} | {_paired_gain(vcon, post)} | {_paired_gain(vcon, gmp)} |")
     _section(os.path.join(out, "accuracy.md"), f"table {task}", "\n".join(lines) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"[{task}] matplotlib is not installed: no curves_{task}.png (the table is written)", flush=True)
+        return
     plot_curves(records, out, task, dense)
 
 

@@ -22,6 +22,7 @@ from .compressors import (
     register_compressor,
 )
 from .compressors.lowrank import LowRankLinear
+from .couplings import HeadCoupling, NeuronCoupling, register_coupling
 
 # Layers and model verbs
 from .layers import VConLinear
@@ -68,6 +69,9 @@ __all__ = [
     "available_compressors",
     "register_compressor",
     "LowRankLinear",
+    "HeadCoupling",
+    "NeuronCoupling",
+    "register_coupling",
     "VConLinear",
     "VConBlock",
     "get_block_betas",

@@ -35,6 +35,11 @@ def vcon_lora_class() -> type:
             if kwargs.get("use_dora"):
                 raise VConError("use_dora=True normalises by the base layer's weight, which a VCON layer blends; "
                                 "use plain LoRA on VCON layers.")
+            if base_layer.compressor.changes_shapes:
+                raise VConError(
+                    f"method={base_layer.compressor.name!r} removes rows or columns of this layer when merged, while "
+                    "a LoRA adapter on it keeps the full size: put the adapters on layers the compression does not "
+                    "resize (target_modules of the LoraConfig), or compress without them.")
             if takes_config:
                 kwargs["config"] = config
             super().__init__(base_layer, adapter_name, **kwargs)

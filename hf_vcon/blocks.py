@@ -251,7 +251,7 @@ class BlockWise(Granularity):
         wrappers = []
         for name, linears in blocks.items():
             block = model.get_submodule(name)
-            relative = {linear[len(name) + 1:]: compressors[linear] for linear in linears}
+            relative = {linear[len(name) + 1:]: compressors[linear] for linear in linears if linear in compressors}
             wrappers.append(VConBlock(block, compressed_copy(block, relative, config.recompute_every)))
         layers = [layer for wrapper in wrappers for layer in wrapper.compressed_layers()]
         return Wrapped(plan=plan, holder_names=list(blocks), holders=wrappers, layers=layers)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .state import require_state, unwrap_model
+from .state import config_changes, require_state, resized_config, unwrap_model
 from .summary import VConSummary
 from .version import __version__
 
@@ -148,6 +148,30 @@ def _compression_rows(config, summary: VConSummary, base_model: Optional[str], t
     return rows
 
 
+def _parameter_count(model: nn.Module, config) -> Optional[int]:
+    """The parameters of ``model``'s class built from ``config`` (on the meta device: no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            return sum(param.numel() for param in type(model)._from_config(config).parameters())
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a class transformers cannot build from a config
+        return None
+
+
+def _size_rows(model: nn.Module, state) -> list[str]:
+    """Where the compression makes the model smaller (structured pruning): its config sizes and parameters before →
+    after, and the speedup measured when it was saved."""
+    changes = config_changes(state)
+    if not changes:
+        return []
+    rows = [f"| {key} | {getattr(model.config, key, None) or 'default'} → {value} |" for key, value in changes.items()]
+    before, after = _parameter_count(model, model.config), _parameter_count(model, resized_config(model.config, changes))
+    if before and after:
+        rows.append(f"| parameters of the model | {before:,} → {after:,} ({after / before:.3f}×) |")
+    speedup = state.measured_speedup
+    rows.append(f"| measured speedup | {speedup if speedup else 'not measured'} |")
+    return rows
+
+
 def _usage_lines(model: nn.Module, repo_id: str, export_format: Optional[str]) -> list[str]:
     auto = auto_class_name(model)
     if export_format == "compressed-tensors":
@@ -213,6 +237,12 @@ def _card_data(base_model: Optional[str], tags: list[str], model_name: Optional[
                          license=details.license)
 
 
+_INTRO = ("This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
+          "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
+          "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
+          "compressed model (β = 0); `from_pretrained` loads them without hf_vcon.")
+
+
 def model_card(
     model: nn.Module,
     summary: VConSummary,
@@ -255,16 +285,14 @@ def model_card(
     lines = [
         f"# {model_name or 'VCON-compressed model'}",
         "",
-        "This model was compressed with hf_vcon using Vanishing Contributions (VCON, "
-        "[arXiv 2510.09696](https://arxiv.org/abs/2510.09696)): each targeted layer blended its original and "
-        "compressed forms as β·f(x) + (1−β)·g(x) while fine-tuning, β going from 1 to 0. The weights here are the "
-        "compressed model (β = 0); `from_pretrained` loads them without hf_vcon.",
+        _INTRO,
         "",
         *_usage_lines(inner, details.repo_id or f"path/to/{model_name or 'this-folder'}", details.export_format),
         "",
         "## Compression",
         "",
         *_compression_rows(config, summary, base_model, transition_steps, details.steps_trained),
+        *_size_rows(inner, require_state(inner, "model_card")),
         "",
         "Layers per setting:",
         "",
@@ -276,7 +304,6 @@ def model_card(
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:
         lines += ["", "## Comparison", "", details.comparison]
-    lines += ["", "## Framework versions", ""]
-    lines += [f"- {name} {version}" for name, version in _framework_versions().items()]
+    lines += ["", "## Framework versions", "", *(f"- {name} {version}" for name, version in _framework_versions().items())]
     card_data = _card_data(base_model, tags, model_name, details)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .peft_layers import ADAPTER_FOLDER, is_peft_model, without_adapters
+from .errors import VConError
 from .model import check_finite
 from .state import VConState, replaced_keys, require_state, unwrap_model
 from .version import __version__
@@ -54,7 +55,8 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
         ``output_dir`` as a string.
 
     Raises:
-        VConError: if the model has no VCON layers or NaN/Inf weights.
+        VConError: if the model has no VCON layers or NaN/Inf weights, or a compression that changes the model's
+            shapes (structured pruning: its merged model is already the small one, for :func:`save_merged`).
 
     Example:
         >>> import tempfile, torch
@@ -71,6 +73,7 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
     wrapper, model = model, unwrap_model(model)
     state = require_state(model, "save_compressed")
     check_finite(state)
+    _check_shapes_kept(state)
     tensors, layers = _packed_layers(state)
     dropped, renamed = replaced_keys(state)
     aliases = _add_dense_tensors(tensors, state, model, dropped, renamed)
@@ -96,6 +99,15 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
     if is_peft_model(wrapper):
         wrapper.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))
     return os.fspath(output_dir)
+
+
+def _check_shapes_kept(state: VConState) -> None:
+    resized = sorted({layer.compressor.name for layer in state.layers if layer.compressor.changes_shapes})
+    if resized:
+        raise VConError(
+            f"The compact format stores each layer at the shape of the model's config, but method={resized[0]!r} makes "
+            "the model smaller: its merged checkpoint is already the compact form, a smaller dense model that plain "
+            "from_pretrained loads. Save it with hf_vcon.save_merged(model, folder) or trainer.save_model().")
 
 
 def _packed_layers(state: VConState) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch import nn
 from . import export_ct
 from .errors import VConError, VConWarning
 from .peft_layers import ADAPTER_FOLDER, is_peft_model, without_adapters
-from .state import layer_tensors, replaced_keys, require_state, unwrap_model
+from .state import config_changes, layer_tensors, replaced_keys, require_state, resized_config, unwrap_model
 from .summary import VConSummary, vcon_summary
 
 DENSE = "dense"
@@ -37,7 +38,8 @@ EXPORT_FORMATS = (AUTO, COMPRESSED_TENSORS, DENSE)
 
 def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The state dict of ``merge_and_unload(model)`` without touching the model: keys of the base architecture,
-    each targeted weight replaced by its compressed form (β = 0).
+    each targeted weight replaced by its compressed form (β = 0), smaller where the compression removes rows or
+    columns (structured pruning; :func:`~hf_vcon.state.config_changes` gives the config that fits it).
 
     Args:
         model: a model patched by :func:`hf_vcon.apply_vcon` (possibly inside DDP/FSDP wrappers).
@@ -51,8 +53,10 @@ def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     layer_wise = state.granularity.layer_wise_state_dict(state, source)
     merged = {renamed.get(key, key): value for key, value in layer_wise.items() if key not in dropped}
     with torch.no_grad():
-        for name, layer, weight, params in layer_tensors(state, source):
-            merged[layer.merged_key(name)] = layer.stored(layer.compress(weight, params))
+        tensors = list(layer_tensors(state, source))
+        latent = {name: weight for name, _, weight, _ in tensors}  # coupled compressions read their group here
+        for name, layer, weight, params in tensors:
+            merged.update(layer.merged_state(name, weight, params, merged, latent))
     return merged
 
 
@@ -94,6 +98,19 @@ def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: 
                 "export_format='dense' to silence this.", VConWarning, stacklevel=3)
         return DENSE
     return COMPRESSED_TENSORS
+@contextmanager
+def _config_of_merged_model(model: nn.Module, changes: dict) -> Iterator[None]:
+    """Within the block ``model.config`` is a copy with the merged model's sizes, so that ``save_pretrained`` writes
+    ``config.json`` once, as transformers writes it, with the sizes of the tensors it saves."""
+    if not changes:
+        yield
+        return
+    config = model.config
+    model.config = resized_config(config, changes)
+    try:
+        yield
+    finally:
+        model.config = config
 
 
 def save_merged(
@@ -106,8 +123,9 @@ def save_merged(
 ) -> VConSummary:
     """Write the merged compressed model (safetensors + ``config.json``) and ``vcon_config.json`` to ``output_dir``.
 
-    The patched model itself is left as it is (training can go on). A ``peft.PeftModel`` writes its compressed base
-    model there and its adapters to ``output_dir/adapter`` (load: ``PeftModel.from_pretrained(AutoModel…
+    The patched model itself is left as it is (training can go on); where the compression changes the model's sizes
+    (structured pruning), ``config.json`` says the new ones. A ``peft.PeftModel`` writes its compressed base model
+    there and its adapters to ``output_dir/adapter`` (load: ``PeftModel.from_pretrained(AutoModel…
     .from_pretrained(output_dir), output_dir + "/adapter")``).
 
     Args:
@@ -141,10 +159,11 @@ def save_merged(
     resolved = resolve_export_format(inner, format)
     source = state_dict if state_dict is not None else inner.state_dict()
     merged = merged_state_dict(inner, source)
-    if resolved == COMPRESSED_TENSORS:
-        export_ct.save_compressed_tensors(inner, state, output_dir, source, merged, **save_kwargs)
-    else:
-        inner.save_pretrained(output_dir, state_dict=merged, **save_kwargs)
+    with _config_of_merged_model(inner, config_changes(state)):
+        if resolved == COMPRESSED_TENSORS:
+            export_ct.save_compressed_tensors(inner, state, output_dir, source, merged, **save_kwargs)
+        else:
+            inner.save_pretrained(output_dir, state_dict=merged, **save_kwargs)
     state.config.save_pretrained(output_dir)
     if is_peft_model(model):  # the adapters apart, on the compressed base: PeftModel.from_pretrained(base, adapter/)
         model.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))

@@ -22,6 +22,7 @@ from .card import CardDetails, model_card
 from .errors import VConWarning
 from .export import AUTO, resolve_export_format, save_merged, stored_sizes
 from .reporting import saved_model_metrics
+from .speed import measure_speedup
 from .state import require_state
 from .summary import VConSummary
 from .transitions import transition_of
@@ -108,6 +109,9 @@ def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, 
     resolved = resolve_export_format(model, format)  # raises before anything is written
     os.makedirs(output_dir, exist_ok=True)
     summary = save_merged(model, output_dir, state_dict=state_dict, format=resolved)
+    state = require_state(model, "export")
+    if state_dict is None and any(layer.compressor.changes_shapes for layer in state.layers):
+        state.measured_speedup = measure_speedup(model)  # modules holding shards (FSDP, ZeRO-3) cannot run alone
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
     if training_args is not None:

@@ -21,7 +21,15 @@ from torch import nn
 from .peft_layers import check_not_inside_vcon
 from .compressors import Compressor
 from .errors import VConError
-from .linears import LINEAR_TYPES, is_conv1d, linear_shape, linear_weight, stored_orientation, write_weight
+from .linears import (
+    LINEAR_TYPES,
+    is_conv1d,
+    linear_shape,
+    linear_weight,
+    resized_like,
+    stored_orientation,
+    write_weight,
+)
 from .state import replace_module
 
 
@@ -176,7 +184,8 @@ class VConLinear(nn.Module):
         if frozen:
             key: tuple = ("every", self.optimizer_step // self.recompute_every, weight.data_ptr(), id(self.compressor))
         else:
-            key = ("version", self.optimizer_step, weight._version, weight.data_ptr(), id(self.compressor))
+            key = ("version", self.optimizer_step, weight._version, weight.data_ptr(), id(self.compressor),
+                   self.compressor.state_token())
         if self._state is None or self._state_key != key:
             with torch.no_grad():
                 self._state = self.compressor.compression_state(weight.detach(), self._state_memo, frozen=frozen)
@@ -225,6 +234,18 @@ class VConLinear(nn.Module):
     def merged_key(self, name: str) -> str:
         return f"{name}.weight"
 
+    def merged_state(self, name: str, weight: torch.Tensor, params: dict[str, torch.Tensor], merged: dict,
+                     coupled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged model's tensors of layer ``name`` from W ``(out, in)`` and params: its weight, and its bias where
+        the compression changes it (``merged`` holds the bias so far; ``coupled`` every layer's W, by name)."""
+        bias_key = f"{name}.bias"
+        bias = merged.get(bias_key)
+        compressed, new_bias = self.compressor.merged_tensors(weight, params, bias, coupled)
+        tensors = {self.merged_key(name): self.stored(compressed)}
+        if new_bias is not bias:
+            tensors[bias_key] = new_bias.contiguous()
+        return tensors
+
     def describe(self) -> dict:
         """What the compact format records to rebuild this layer."""
         return {"kind": "linear", "module": type(self.base_layer).__name__, "shape": [self.out_features, self.in_features]}
@@ -253,16 +274,34 @@ class VConLinear(nn.Module):
     def detach_from(self, model: nn.Module, name: str, merge: bool) -> None:
         replace_module(model, name, self.merged() if merge else self.base_layer)
 
+    def merged_tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The merged layer's weight ``(out', in')`` and bias (the layer's own shapes unless the compression changes
+        them), without autograd."""
+        params = {key: value.detach() for key, value in self.compressed_params().items()}
+        bias = None if self.bias is None else self.bias.detach()
+        with torch.no_grad():
+            return self.compressor.merged_tensors(self.latent_weight().detach(), params, bias)
+
     def merged(self) -> nn.Module:
-        """The base layer with C written into its weight (in place): the compressed layer, plain again.
+        """The base layer with C written into its weight (in place): the compressed layer, plain again; a new, smaller
+        layer of the same type where the compression removes rows or columns.
 
         Its weight trains if any tensor of this layer did (a released or frozen dense copy becomes trainable again
         when the factors it now holds were).
         """
         trainable = any(param.requires_grad for param in self.parameters())
-        write_weight(self.base_layer, self.compressed_weight())
-        self.base_layer.weight.requires_grad_(trainable)
-        return self.base_layer
+        weight, bias = self.merged_tensors()
+        same_bias = bias is None or bias.shape == self.bias.shape
+        if tuple(weight.shape) == (self.out_features, self.in_features) and same_bias:
+            write_weight(self.base_layer, weight)
+            if bias is not None and self.bias is not None and bias.data_ptr() != self.bias.data_ptr():
+                with torch.no_grad():
+                    self.base_layer.bias.copy_(bias)
+            layer = self.base_layer
+        else:
+            layer = resized_like(self.base_layer, weight, bias)
+        layer.weight.requires_grad_(trainable)
+        return layer
 
     def extra_repr(self) -> str:
         released = ", dense path released" if self.dense_released else ""

@@ -44,3 +44,14 @@ def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Copy ``weight`` ``(out, in)`` into ``module``'s parameter, in place."""
     with torch.no_grad():
         module.weight.copy_(weight.t() if is_conv1d(module) else weight)
+
+
+def resized_like(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """A new layer of ``module``'s type (``nn.Linear`` or ``Conv1D``) holding ``weight`` ``(out', in')`` and ``bias``
+    (copies): the layer with other sizes, as a merge that removes rows or columns builds it."""
+    out_features, in_features = weight.shape
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        layer = Conv1D(out_features, in_features) if is_conv1d(module) else nn.Linear(in_features, out_features)
+    layer.weight = nn.Parameter(stored_orientation(module, weight).clone(), requires_grad=module.weight.requires_grad)
+    layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=module.weight.requires_grad)
+    return layer.train(module.training)

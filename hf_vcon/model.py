@@ -21,7 +21,7 @@ from .layers import ForwardAudit, VConLinear
 from .layerwise import LayerWise
 from .parametrized import VConWeight
 from .plan import MAX_NAMES_SHOWN
-from .state import STATE_ATTRIBUTE, VConState, get_vcon_state, holder_paths, require_state, unwrap_model
+from .state import STATE_ATTRIBUTE, VConState, config_changes, get_vcon_state, holder_paths, require_state, unwrap_model
 from .transitions import set_state_step, transition_of
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -285,8 +285,9 @@ def check_finite(state: VConState) -> None:
 def merge_and_unload(model: ModelT) -> ModelT:
     """Fold the compressed weights (β = 0) into plain ``nn.Linear``/``Conv1D`` modules, in place.
 
-    The result has exactly the state-dict keys and shapes of the unpatched architecture, so ``save_pretrained``
-    then plain ``from_pretrained`` loads it without hf_vcon.
+    The result has exactly the state-dict keys of the unpatched architecture, and its shapes; where the compression
+    removes rows or columns (structured pruning) the layers are smaller and ``model.config`` says their sizes. So
+    ``save_pretrained`` then plain ``from_pretrained`` loads it without hf_vcon.
 
     Returns:
         The model without VCON layers: the same object (inside DDP / compile wrappers, the wrapped model; a
@@ -298,9 +299,12 @@ def merge_and_unload(model: ModelT) -> ModelT:
     inner = unwrap_model(model)
     state = require_state(inner, "merge_and_unload")
     check_finite(state)
+    changes = config_changes(state)
     with torch.no_grad():
         for path, holder in zip(holder_paths(inner, state), state.holders):
             holder.detach_from(inner, path, merge=True)
+    for key, value in changes.items():
+        setattr(inner.config, key, value)
     delattr(inner, STATE_ATTRIBUTE)
     _remove_audit(inner)
     return model if is_peft_model(model) else inner

@@ -188,6 +188,15 @@ class VConWeight(nn.Module):
     def merged_key(self, name: str) -> str:
         return f"{self.owner_name(name)}.{self.param_name}"
 
+    def merged_tensors(self) -> tuple[torch.Tensor, None]:
+        """The merged weight (C, in Linear orientation) and no bias: a parametrized weight keeps its shape."""
+        return self.compressed_weight(), None
+
+    def merged_state(self, name: str, weight: torch.Tensor, params: dict[str, torch.Tensor], merged: dict,
+                     coupled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged model's tensor of this weight: C, in the owner's orientation."""
+        return {self.merged_key(name): self.stored(self.compress(weight, params))}
+
     def describe(self) -> dict:
         """What the compact format records to rebuild this weight (per slice: ``shape`` is ``[out, in]``)."""
         return {"kind": "weight", "param": self.param_name, "experts": self.num_slices if self.stacked else None,

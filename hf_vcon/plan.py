@@ -104,8 +104,9 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
     a setting that does not fit a layer (a rank too large for it).
 
     Raises:
-        ValueError: if a ``module_overrides`` pattern matches none of ``names``, or a layer targeted by name cannot
-            take its compression (the compressor's ``check_layer`` names it).
+        ValueError: if a ``module_overrides`` pattern matches none of ``names``, a layer targeted by name cannot
+            take its compression (the compressor's ``check_layer`` names it), or a compression that couples layers
+            cannot compress the targeted ones together (its ``bind_layers`` says why).
         UnsupportedLayerError: if no layer "all-linear" found can take its compression.
     """
     for pattern, _ in config.override_settings:
@@ -125,10 +126,29 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
                 raise
             skipped.append((name, str(error)))
             continue
-        kept.append((name, setting))
+        kept.append((name, setting, by_setting[setting]))
+    kept = _bound(model, config, kept)
     _warn_skipped(skipped, kept)
-    return Plan(names=[name for name, _ in kept], settings=[setting for _, setting in kept],
-                compressors=[by_setting[setting] for _, setting in kept])
+    return Plan(names=[name for name, _, _ in kept], settings=[setting for _, setting, _ in kept],
+                compressors=[compressor for _, _, compressor in kept])
+
+
+def _bound(model: nn.Module, config: VConConfig, kept: list[tuple]) -> list[tuple]:
+    """``kept`` with each layer of a compression that couples layers given its own compressor (``bind_layers``).
+
+    A layer outside such a compression's reach (not in any of its groups) is left out under ``"all-linear"``, for it
+    was never a candidate (structured pruning takes the MLP layers, not the attention's), and raises when named.
+    """
+    classes = list(dict.fromkeys(type(compressor) for _, _, compressor in kept if compressor.couples_layers))
+    for cls in classes:
+        mine = [(name, compressor) for name, _, compressor in kept if type(compressor) is cls]
+        bound, outside = cls.bind_layers(model, [name for name, _ in mine], [compressor for _, compressor in mine])
+        if outside and config.target_modules != ALL_LINEAR:
+            raise UnsupportedLayerError(f"{next(iter(outside.values()))}; remove it from target_modules "
+                                        f"({len(outside)} such layer(s): {shown(list(outside))}).")
+        kept = [(name, setting, bound.get(name, compressor)) for name, setting, compressor in kept
+                if name not in outside]
+    return kept
 
 
 def _warn_skipped(skipped: list[tuple[str, str]], kept: list) -> None:

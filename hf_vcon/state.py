@@ -8,8 +8,9 @@ once, when the model is patched, by the :class:`Granularity` the state keeps.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
@@ -78,6 +79,7 @@ class VConState:
     holders: list[nn.Module] = field(repr=False)
     compression_version: int = 0
     audit_pending: bool = False  # the first forward still has to show that no layer is bypassed
+    measured_speedup: Optional[Any] = None  # the last export's hf_vcon.speed.Speedup, for cards written later
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -166,3 +168,27 @@ def replaced_keys(state: VConState) -> tuple[set[str], dict[str, str]]:
         dropped |= unit_dropped
         renamed.update(unit_renamed)
     return dropped, renamed
+
+
+def config_changes(state: VConState) -> dict[str, Any]:
+    """The model-config fields the merged model has other values in (``{"intermediate_size": 1536}`` after structured
+    pruning; empty for compressions that keep the shapes), gathered from every unit's compressor.
+
+    Raises:
+        VConError: if two units ask for different values of one field.
+    """
+    changes: dict[str, Any] = {}
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        for key, value in layer.compressor.config_changes().items():
+            if changes.setdefault(key, value) != value:
+                raise VConError(f"The merged model cannot have one {key}: layer {name!r} needs {value}, another "
+                                f"{changes[key]}.")
+    return changes
+
+
+def resized_config(config: Any, changes: dict[str, Any]) -> Any:
+    """A copy of a model config with ``changes`` applied (the config itself is not changed)."""
+    resized = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(resized, key, value)
+    return resized

@@ -49,22 +49,24 @@ class Gradual(Transition):
             holder.set_beta(0.0)
         ramped = {}
         for layer, setting in zip(state.layers, state.settings):
-            option = layer.compressor.gradual_option
-            value = gmp_sparsity(step, getattr(setting.options, option), transition_steps, state.config.start_step)
-            if getattr(layer.compressor.options, option) == value:
+            current = layer.compressor
+            values = {option: gmp_sparsity(step, getattr(setting.options, option), transition_steps,
+                                           state.config.start_step) for option in current.gradual_options()}
+            if all(getattr(current.options, option) == value for option, value in values.items()):
                 continue
-            if setting not in ramped:  # one compressor per setting and step, shared by its layers
-                ramped[setting] = setting.compressor().with_options(**{option: value})
-            layer.compressor = ramped[setting]
+            if id(current) not in ramped:  # one compressor per shared compressor and step (a setting's, or a layer's)
+                ramped[id(current)] = (current, current.with_options(**values))
+            layer.compressor = ramped[id(current)][1]
         if ramped:
             state.compression_version += 1
 
     def unfinished(self, state):
         for name, layer, setting in state.named_layers():
-            option = layer.compressor.gradual_option
-            current, target = getattr(layer.compressor.options, option), getattr(setting.options, option)
-            if current < target:
-                return f"layer {name!r} is at {option}={current:.4g}, not the {option}={target} it is being raised to"
+            for option in layer.compressor.gradual_options():
+                current, target = getattr(layer.compressor.options, option), getattr(setting.options, option)
+                if current < target:
+                    return (f"layer {name!r} is at {option}={current:.4g}, not the {option}={target} it is being "
+                            "raised to")
         return None
 
 

@@ -73,6 +73,12 @@ def unit_shape(model: nn.Module, name: str) -> tuple[int, int]:
 
 def make_unit(model: nn.Module, name: str, compressor: Compressor, recompute_every: int = 1) -> Unit:
     """The VCON unit for ``name`` (not attached yet: :meth:`attach_to` puts it in the model)."""
+    unit = _new_unit(model, name, compressor, recompute_every)
+    compressor.bind_unit(unit)
+    return unit
+
+
+def _new_unit(model: nn.Module, name: str, compressor: Compressor, recompute_every: int) -> Unit:
     owner, param = _resolve(model, name)
     if param:
         return VConWeight(owner, param, compressor, transposed=getattr(owner, "is_transposed", False) and

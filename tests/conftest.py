@@ -47,6 +47,39 @@ SETTING_CASES = [
 METHOD_CASES = [pytest.param(method, METHOD_SETTINGS[method][0], id=method) for method in available_compressors()]
 
 
+def _alone(case) -> bool:
+    return not compressor_class(case.values[0]).couples_layers
+
+
+def _shapes_kept(case) -> bool:
+    return not compressor_class(case.values[0]).changes_shapes
+
+
+# Tests that compress chosen layers on their own (a single Linear, query and value, fused experts) take the methods
+# that compress a layer alone; a compression that couples layers (structured pruning) needs whole blocks and has the
+# same properties checked on them in test_structured.py.
+SOLO_SETTING_CASES = [case for case in SETTING_CASES if _alone(case)]
+SOLO_METHOD_CASES = [case for case in METHOD_CASES if _alone(case)]
+# The compact format stores every layer at the shape of the model's config: the methods that keep shapes.
+SHAPE_KEEPING_SETTING_CASES = [case for case in SETTING_CASES if _shapes_kept(case)]
+SHAPE_KEEPING_METHOD_CASES = [case for case in METHOD_CASES if _shapes_kept(case)]
+
+
+def merged_shapes(original, model) -> dict:
+    """The state-dict shapes a merged model must have: the base architecture's, with each compressed layer's weight
+    and bias at the shapes its unit declares (smaller where the compression removes rows or columns)."""
+    from hf_vcon import get_vcon_state
+
+    state = get_vcon_state(model)
+    shapes = {key: value.shape for key, value in original.state_dict().items()}
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        weight, bias = layer.merged_tensors()
+        shapes[layer.merged_key(name)] = layer.stored(weight).shape
+        if bias is not None:
+            shapes[f"{name}.bias"] = bias.shape
+    return shapes
+
+
 def vcon_config(method: str, setting: dict, **overrides) -> VConConfig:
     return VConConfig(method=method, **setting, **overrides)
 

@@ -18,9 +18,11 @@ import torch
 import transformers
 
 from architectures import BF16_KEYS, CASES
+from hf_vcon.couplings import couplings_for
 from hf_vcon import (
     NoTargetModulesError,
     VConConfig,
+    VConError,
     VConWarning,
     apply_vcon,
     get_vcon_state,
@@ -36,6 +38,8 @@ SETTINGS = {
     "2:4": dict(method="prune", prune_pattern="2:4"),
     "binary": dict(method="binary"),
     "lowrank": dict(method="lowrank", rank_ratio=0.25),
+    "structured": dict(method="structured", neuron_sparsity=0.5),
+    "structured-heads": dict(method="structured", neuron_sparsity=0.25, head_sparsity=0.5),
 }
 # Model types with no Linear that "all-linear" may compress (ResNet's only Linear is its classifier head).
 NOTHING_TO_COMPRESS = {"resnet"}
@@ -102,8 +106,10 @@ def test_the_sweep_covers_forty_model_types_of_every_family():
 def test_every_promise(case, setting, tmp_path):
     if not available(case):
         pytest.skip(f"{case.model_class} is not in transformers {transformers.__version__}")
-    if case.name in NOTHING_TO_COMPRESS:
-        with pytest.raises(NoTargetModulesError):
+    refusal = expected_refusal(case, setting)
+    if refusal is not None:
+        error, message = refusal
+        with pytest.raises(error, match=message):
             patched(case, setting)
         return
     original, model = patched(case, setting)
@@ -119,14 +125,34 @@ def test_every_promise(case, setting, tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     reloaded = getattr(transformers, case.reload_class).from_pretrained(tmp_path / "merged").eval()
     assert_same(output(reloaded, case, inputs), compressed, "merged reloaded")
-    save_compressed(model, tmp_path / "compact")
-    assert_same(output(load_compressed(tmp_path / "compact"), case, inputs), compressed, "compact reloaded")
+    if any(layer.compressor.changes_shapes for layer in state.layers):  # already small: the merged model is compact
+        with pytest.raises(VConError, match="already the compact form"):
+            save_compressed(model, tmp_path / "compact")
+    else:
+        save_compressed(model, tmp_path / "compact")
+        assert_same(output(load_compressed(tmp_path / "compact"), case, inputs), compressed, "compact reloaded")
 
     summary = vcon_summary(model)
     assert [layer.name for layer in summary.layers] == state.targeted_module_names
     assert summary.bytes_after <= summary.bytes_before
     if case.has_labels:
         assert_one_step_trains_every_unit(model, original, case)
+
+
+def expected_refusal(case, setting: str):
+    """``(error, message)`` that ``apply_vcon`` must raise for ``case`` and ``setting``, or ``None``: structured
+    pruning needs the model type's coupling (its MLP; heads only where the config says head_dim)."""
+    if case.name in NOTHING_TO_COMPRESS:
+        return NoTargetModulesError, ""
+    if not setting.startswith("structured"):
+        return None
+    model_type = case.config().model_type
+    kinds = {coupling.kind for coupling in couplings_for(model_type) or ()}
+    if "neurons" not in kinds:
+        return ValueError, rf"a '{model_type}' model are coupled.*register_coupling"
+    if "head_sparsity" in SETTINGS[setting] and "heads" not in kinds:
+        return ValueError, rf"a '{model_type}' model cannot lose attention heads"
+    return None
 
 
 def trained_by_the_original(original, case) -> set[str]:

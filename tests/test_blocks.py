@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 import transformers
-from conftest import METHOD_CASES, build, logits, tiny_bert, tiny_inputs, vcon_config
+from conftest import METHOD_CASES, SOLO_METHOD_CASES, build, logits, merged_shapes, tiny_bert, tiny_inputs, vcon_config
 from hf_vcon import (
     NoTargetModulesError,
     VConBlock,
@@ -238,11 +238,11 @@ def test_after_training_merge_is_still_the_beta_zero_model(method, setting, tmp_
     assert get_beta(model) == 0.0
     expected = logits(model, "gpt2")
     state = get_vcon_state(model)
-    compressed = {name: (layer.compressed_weight(), setting) for name, layer, setting in state.named_layers()}
+    compressed = {name: (layer.merged_tensors()[0], setting) for name, layer, setting in state.named_layers()}
+    shapes = merged_shapes(original, model)
     merged = merge_and_unload(model)
 
     assert not any(isinstance(m, (VConBlock, VConLinear)) for m in merged.modules())
-    shapes = {key: value.shape for key, value in original.state_dict().items()}
     assert {key: value.shape for key, value in merged.state_dict().items()} == shapes
     assert all(p.requires_grad for p in merged.parameters())
     for name, (weight, setting) in compressed.items():
@@ -339,7 +339,7 @@ def test_figure_two_last_block_stays_dense():
 
 
 # ------------------------------------------------------------------------- 6. layer-wise vs block-wise
-@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 def test_one_layer_blocks_agree_with_layer_wise(method, setting):
     """A block that is one Linear: output blend = weight blend, so both granularities compute the same model."""
     original = build("bert")

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from conftest import SETTING_CASES, build, logits, vcon_config
+from conftest import SHAPE_KEEPING_SETTING_CASES, build, logits, vcon_config
 from hf_vcon import (
     IncompatibleCheckpointError,
     LowRankLinear,
@@ -44,7 +44,7 @@ def _saved(kind, method, setting, folder):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method, setting", SETTING_CASES)
+@pytest.mark.parametrize("method, setting", SHAPE_KEEPING_SETTING_CASES)
 def test_round_trip_equals_merged_model(kind, method, setting, tmp_path):
     model = _saved(kind, method, setting, tmp_path)
     names = list(get_vcon_state(model).targeted_module_names)

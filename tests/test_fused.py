@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 from architectures import by_key
-from conftest import METHOD_CASES
+from conftest import SOLO_METHOD_CASES
 from hf_vcon import (
     VConConfig,
     VConError,
@@ -50,7 +50,7 @@ def expert_units(model):
 # -------------------------------------------------------------------------------------------------- experts
 @needs_fused_experts
 @pytest.mark.parametrize("key", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 def test_each_expert_is_compressed_on_its_own(key, method, setting):
     case = by_key(key)
     model = apply_vcon(case.build(), VConConfig(method=method, **setting))
@@ -162,7 +162,7 @@ class Pooling(nn.Module):
         return self.attention(self.probe.expand(x.shape[0], -1, -1), x, x)[0]
 
 
-@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 def test_multihead_attention_projections_are_blended(method, setting):
     torch.manual_seed(0)
     original = Pooling()
@@ -286,7 +286,7 @@ def simulated_zero3(model: nn.Module):
             sys.modules["deepspeed"] = saved
 
 
-@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 def test_apply_vcon_reads_zero3_partitioned_weights_whole(method, setting):
     case = by_key("bert")
     model, reference = case.build(), case.build()

@@ -35,8 +35,8 @@ def test_gmp_sparsity_start_step_and_post_shot():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="binary", transition="gmp"), r"transition='gmp' .* only applies to method='prune', but method='binary'"),
-        (dict(method="lowrank", rank=2, transition="gmp"), r"only applies to method='prune', but method='lowrank'"),
+        (dict(method="binary", transition="gmp"), r"transition='gmp' .* only applies to method='prune/structured', but method='binary'"),
+        (dict(method="lowrank", rank=2, transition="gmp"), r"only applies to method='prune/structured', but method='lowrank'"),
         (dict(method="prune", prune_pattern="2:4", transition="gmp"), r"prune_pattern='2:4' .* cannot do"),
         (dict(method="prune", schedule="cosine", transition="gmp"), r"schedule='cosine' shapes β"),
         (dict(method="prune", transition="iterative"), r"transition='iterative' is not known; use one of: gmp, vcon"),

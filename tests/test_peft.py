@@ -12,8 +12,9 @@ from peft import LoraConfig, PeftModel
 from peft import get_peft_model as peft_get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from conftest import METHOD_CASES, TinyTextDataset, build, logits, vcon_config
+from conftest import SOLO_METHOD_CASES, TinyTextDataset, build, logits, vcon_config
 from hf_vcon import (
+    VConConfig,
     VConError,
     apply_vcon,
     get_peft_model,
@@ -31,13 +32,21 @@ def with_lora(method, setting, targets=("query",), lora_targets=("query",)):
     return get_peft_model(model, config)
 
 
+def test_lora_on_a_layer_the_compression_resizes_is_refused():
+    torch.manual_seed(0)
+    model = apply_vcon(build("bert"), VConConfig(method="structured", neuron_sparsity=0.5, transition_steps=4,
+                                                 target_modules=r".*layer\.\d+\.(intermediate|output)\.dense"))
+    with pytest.raises(VConError, match="method='structured' removes rows or columns of this layer"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["intermediate.dense"]))
+
+
 def lora_delta(layer, x):
     """s·B·A·x of a LoRA layer's default adapter, by hand."""
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     return (x @ a.t() @ b.t()) * layer.scaling["default"]
 
 
-@pytest.mark.parametrize("method, setting", METHOD_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 @pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
 def test_lora_on_a_vcon_layer_adds_its_update_to_the_blend_at_every_beta(method, setting, beta):
     model = with_lora(method, setting)
@@ -87,7 +96,7 @@ def test_merging_an_adapter_into_a_vcon_layer_is_refused_and_vcon_merges_under_i
 def test_peft_first_then_vcon_on_other_layers(tmp_path):
     torch.manual_seed(0)
     peft_model = peft_get_peft_model(build("bert"), LoraConfig(r=2, target_modules=["query"]))
-    apply_vcon(peft_model, vcon_config("binary", {}, target_modules=["intermediate.dense", "output.dense"]))
+    apply_vcon(peft_model, vcon_config("binary", {}, target_modules=r".*layer\.\d+\.(intermediate|output)\.dense"))
     names = get_vcon_state(peft_model).targeted_module_names
     assert names and not any("lora" in name or "query" in name for name in names)
     set_beta(peft_model, 0.0)

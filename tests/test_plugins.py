@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import SETTING_CASES
+from conftest import SOLO_SETTING_CASES
 from hf_vcon import VConConfig, apply_vcon, available_compressors, register_compressor
 from hf_vcon.compressors import WeightCompressor, compressor_class, registry
 from hf_vcon.settings import LayerSetting, build_options
@@ -36,7 +36,7 @@ def drifting_weights(steps: int = 5, shape=(24, 32), seed: int = 0):
 
 
 # --------------------------------------------------------------------------- speed paths vs the definition
-@pytest.mark.parametrize("method, setting", SETTING_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_SETTING_CASES)
 def test_speed_paths_equal_the_definition(method, setting):
     comp = compressor(method, setting)
     if isinstance(comp, WeightCompressor):
@@ -65,7 +65,7 @@ def test_speed_paths_equal_the_definition(method, setting):
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize("method, setting", SETTING_CASES)
+@pytest.mark.parametrize("method, setting", SOLO_SETTING_CASES)
 def test_pack_and_unpack_store_c_exactly(method, setting, conv1d):
     torch.manual_seed(0)
     base = Conv1D(24, 32) if conv1d else nn.Linear(32, 24)
@@ -105,7 +105,7 @@ def test_a_plugin_from_outside_is_registered_like_the_built_ins():
     assert config.options.step == 0.1 and config.step == 0.1
     with pytest.raises(ValueError, match=r"step=0 must be a number in \(0, inf\]: a grid spacing"):
         VConConfig(method="toygrid", step=0)
-    with pytest.raises(ValueError, match=r"method='int9' is not known; use one of: binary, lowrank, prune, quant, toygrid"):
+    with pytest.raises(ValueError, match=r"method='int9' is not known; use one of: binary, lowrank, prune, quant, structured, toygrid"):
         VConConfig(method="int9")
 
 

@@ -18,12 +18,17 @@ parts of hf_vcon take from the family are named properties: :attr:`trains_straig
 A compression whose C is an integer grid, C = q·s (binary weights, k-bit quantization), says so with
 :meth:`Compressor.integer_scheme` and :meth:`Compressor.integer_form`: the exporters write such layers in the
 compressed-tensors format without knowing which compression they came from.
+
+Two more decisions let a compression reach past one layer (structured pruning, :mod:`.structured`):
+:attr:`~Compressor.couples_layers` (C of a layer depends on the weights of the layers it is coupled with: each layer
+gets a compressor of its own from :meth:`~Compressor.bind_layers`) and :attr:`~Compressor.changes_shapes` (the merged
+layer is smaller, :meth:`~Compressor.merged_tensors`, and the model's config changes, :meth:`~Compressor.config_changes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Hashable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +116,9 @@ class Compressor:
 
     Class attributes: ``name`` (set by :func:`~hf_vcon.compressors.register_compressor`), ``Options`` (its
     :class:`~hf_vcon.compressors.options.CompressorOptions` dataclass), ``gradual_option``: the option a gradual
-    transition (``transition="gmp"``) raises from 0 to its value (``"sparsity"`` for pruning; ``None`` when the
-    compression has no such degree), and ``example_options``: a few settings that show its range.
+    transition (``transition="gmp"``) raises from 0 to its value (``"sparsity"`` for pruning; a tuple of options that
+    ramp together; ``None`` when the compression has no such degree), and ``example_options``: a few settings that
+    show its range.
 
     Defaults that a compression may keep: :meth:`stats`, :meth:`pack` and :meth:`unpacked_weight` store C densely
     (correct for any compression, but no smaller); override them with a compact encoding.
@@ -120,7 +126,7 @@ class Compressor:
 
     name: ClassVar[str]
     Options: ClassVar[type[CompressorOptions]] = CompressorOptions
-    gradual_option: ClassVar[Optional[str]] = None
+    gradual_option: ClassVar[Union[None, str, tuple[str, ...]]] = None
     # Settings that show the compression's range (dicts of options): the docs and the registry-driven tests use them.
     example_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
@@ -129,12 +135,19 @@ class Compressor:
     recomputes_from_weight: ClassVar[bool]  # C follows W as it trains: ``recompute_every`` applies
     releases_dense_path: ClassVar[bool]  # at β = 0 the layer never reads W: release_dense_paths may freeze it
     copy_trains_latent_weight: ClassVar[bool]  # block-wise: g's own latent W trains (else g never reads it: frozen)
+    couples_layers: ClassVar[bool] = False  # C of a layer depends on other layers' weights: bound per layer
+    changes_shapes: ClassVar[bool] = False  # the merged layer has other shapes and the model's config changes
 
     def __init__(self, options: Optional[CompressorOptions] = None) -> None:
         options = self.Options() if options is None else options
         if not isinstance(options, self.Options):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, not {type(options).__name__}.")
         self.options = options
+
+    def gradual_options(self) -> tuple[str, ...]:
+        """The options a gradual transition raises (``gradual_option`` as a tuple)."""
+        option = self.gradual_option
+        return () if option is None else (option,) if isinstance(option, str) else tuple(option)
 
     def with_options(self, **changes: Any) -> "Compressor":
         """A compressor of the same class with some options changed (validated)."""
@@ -149,6 +162,31 @@ class Compressor:
 
         Called for every targeted layer before any module is replaced.
         """
+
+    @classmethod
+    def bind_layers(cls, model: nn.Module, names: list[str],
+                    compressors: list["Compressor"]) -> tuple[dict[str, "Compressor"], dict[str, str]]:
+        """The compressor of each targeted layer ``names[i]`` (given ``compressors[i]``, one per setting), and the
+        layers this compression cannot take with why (``"all-linear"`` leaves them dense, a layer named explicitly
+        raises). Called once per compression class, with every layer it targets, before any module is replaced.
+
+        Only compressions that :attr:`couples_layers` override it: they find each layer's group in ``model`` and
+        return a compressor bound to it. The default keeps the shared compressors.
+
+        Raises:
+            ValueError: naming the layers, if the targeted layers cannot be compressed together as the compression
+                needs (a group only partly targeted, say).
+        """
+        return dict(zip(names, compressors)), {}
+
+    def bind_unit(self, unit: nn.Module) -> None:
+        """Called once the VCON unit this compressor compresses is built (a coupled compression reads its group's
+        latent weights from the units)."""
+
+    def state_token(self) -> Hashable:
+        """What the compression state depends on besides the layer's own weight (a coupled compression: the versions
+        of its group's weights); part of the layer's cache key. ``None``: nothing."""
+        return None
 
     def check_gradual(self) -> None:
         """Raise ``ValueError`` if these options cannot be reached gradually (called for ``transition="gmp"``)."""
@@ -168,6 +206,21 @@ class Compressor:
         """Sizes before and after, from the current W and params. The default: C stored dense, no smaller."""
         numel, size = weight.numel(), weight.element_size()
         return CompressionStats(numel, numel, numel * size, numel * size, setting=self.setting())
+
+    def merged_tensors(self, weight: torch.Tensor, params: dict[str, torch.Tensor], bias: Optional[torch.Tensor],
+                       coupled: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The merged layer's weight ``(out', in')`` and bias, without autograd. The default: C and the bias as they
+        are (the shapes of the layer); a compression that :attr:`changes_shapes` returns smaller ones.
+
+        ``coupled`` maps every compressed layer's name to its latent W ``(out, in)`` when the weights come from a state
+        dict (FSDP, ZeRO-3); a coupled compression then reads its group there instead of from the modules.
+        """
+        return self.compressed_weight(weight, params), bias
+
+    def config_changes(self) -> dict[str, Any]:
+        """The model-config fields a merged model of this compression has other values in (``{"intermediate_size":
+        1536}``); the same for every layer of a model. The default: none."""
+        return {}
 
     def setting(self) -> str:
         """A short description of the options, for summaries (``"sparsity 0.900 (layer)"``)."""
