@@ -228,6 +228,11 @@ def _training_lines(details: CardDetails) -> list[str]:
     return ["", "## Training", "", "| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in training.items()]]
 
 
+def _tags(summary: VConSummary, details: CardDetails, extra_tags: Optional[list[str]]) -> list[str]:
+    format_tags = ["compressed-tensors"] if details.export_format == "compressed-tensors" else []
+    return list(dict.fromkeys(["hf_vcon", "vcon", *summary.methods, "compression", *format_tags, *(extra_tags or [])]))
+
+
 def _card_data(base_model: Optional[str], tags: list[str], model_name: Optional[str], details: CardDetails):
     from huggingface_hub import ModelCardData
 
@@ -278,10 +283,8 @@ def model_card(
 
     details = details or CardDetails()
     inner = unwrap_model(model)
-    config = require_state(inner, "model_card").config
+    state = require_state(inner, "model_card")
     base_model = details.finetuned_from or getattr(getattr(inner, "config", None), "_name_or_path", None) or None
-    format_tags = ["compressed-tensors"] if details.export_format == "compressed-tensors" else []
-    tags = list(dict.fromkeys(["hf_vcon", "vcon", *summary.methods, "compression", *format_tags, *(extra_tags or [])]))
     lines = [
         f"# {model_name or 'VCON-compressed model'}",
         "",
@@ -291,19 +294,18 @@ def model_card(
         "",
         "## Compression",
         "",
-        *_compression_rows(config, summary, base_model, transition_steps, details.steps_trained),
-        *_size_rows(inner, require_state(inner, "model_card")),
+        *_compression_rows(state.config, summary, base_model, transition_steps, details.steps_trained),
+        *_size_rows(inner, state),
         "",
         "Layers per setting:",
         "",
         summary.table(),
     ]
-    if details.export_format is not None:
-        lines += ["", *_format_lines(details.export_format, summary, details.stored_bytes)]
+    lines += ["", *_format_lines(details.export_format, summary, details.stored_bytes)] if details.export_format else []
     lines += _training_lines(details)
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:
         lines += ["", "## Comparison", "", details.comparison]
     lines += ["", "## Framework versions", "", *(f"- {name} {version}" for name, version in _framework_versions().items())]
-    card_data = _card_data(base_model, tags, model_name, details)
+    card_data = _card_data(base_model, _tags(summary, details, extra_tags), model_name, details)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

@@ -124,6 +124,35 @@ def _collator(names: Optional[set], index_column: str, collator):
 
 
 @torch.no_grad()
+def _teacher_pass(teacher: nn.Module, dataset: Any, collate, names, index_column: str, batch_size: int, device,
+                  dtype: torch.dtype) -> tuple:
+    """The teacher's logits over ``dataset`` in order: per-example rows, their lengths, input checksums, whether
+    the logits are per token, and the input keys."""
+    was_training = teacher.training
+    teacher.eval()
+    rows, counts, checksums, per_token, input_keys = [], [], [], False, []
+    for start in range(0, len(dataset), batch_size):
+        positions = list(range(start, min(start + batch_size, len(dataset))))
+        batch = collate([dataset[i] for i in positions])
+        given = batch.get(index_column)
+        if given is not None and [int(i) for i in given] != positions:
+            raise VConError(f"The examples' {index_column!r} values are not their positions in the dataset (batch "
+                            f"from {start}: {[int(i) for i in given][:4]}…); cache the dataset in its own order.")
+        inputs = {key: value.to(device) if torch.is_tensor(value) else value
+                  for key, value in teacher_inputs(batch, names, (index_column,)).items()}
+        attention_mask = inputs.get("attention_mask")
+        input_keys = sorted(key for key, value in inputs.items() if torch.is_tensor(value))
+        logits = teacher(**inputs).logits
+        example_rows = _rows(logits, attention_mask)
+        rows += [row.to("cpu", dtype) for row in example_rows]
+        counts += [len(row) for row in example_rows]
+        checksums.append(input_checksums(inputs, attention_mask).cpu())
+        per_token = logits.dim() == 3
+    teacher.train(was_training)
+    return rows, counts, checksums, per_token, input_keys
+
+
+@torch.no_grad()
 def cache_teacher_logits(teacher: nn.Module, dataset: Any, path: str, *, data_collator=None, batch_size: int = 32,
                          dtype: torch.dtype = torch.float16, index_column: str = "teacher_index",
                          device: Optional[torch.device] = None, overwrite: bool = False) -> str:
@@ -157,29 +186,10 @@ def cache_teacher_logits(teacher: nn.Module, dataset: Any, path: str, *, data_co
     device = device or next(teacher.parameters()).device
     names = model_input_names(teacher)
     collate = _collator(names, index_column, data_collator or default_data_collator)
-    was_training = teacher.training
-    teacher.eval()
-    rows, counts, checksums = [], [], []
-    for start in range(0, len(dataset), batch_size):
-        positions = list(range(start, min(start + batch_size, len(dataset))))
-        batch = collate([dataset[i] for i in positions])
-        given = batch.get(index_column)
-        if given is not None and [int(i) for i in given] != positions:
-            raise VConError(f"The examples' {index_column!r} values are not their positions in the dataset (batch "
-                            f"from {start}: {[int(i) for i in given][:4]}…); cache the dataset in its own order.")
-        inputs = {key: value.to(device) if torch.is_tensor(value) else value
-                  for key, value in teacher_inputs(batch, names, (index_column,)).items()}
-        attention_mask = inputs.get("attention_mask")
-        input_keys = sorted(key for key, value in inputs.items() if torch.is_tensor(value))
-        logits = teacher(**inputs).logits
-        example_rows = _rows(logits, attention_mask)
-        rows += [row.to("cpu", dtype) for row in example_rows]
-        counts += [len(row) for row in example_rows]
-        checksums.append(input_checksums(inputs, attention_mask).cpu())
-    teacher.train(was_training)
+    rows, counts, checksums, per_token, input_keys = _teacher_pass(teacher, dataset, collate, names, index_column,
+                                                                   batch_size, device, dtype)
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-    per_token = bool(rows) and logits.dim() == 3
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "teacher": describe_model(teacher),
                 "examples": str(len(counts)), "per_token": json.dumps(per_token), "dtype": str(dtype),
                 "input_keys": json.dumps(input_keys if rows else [])}
