@@ -12,6 +12,7 @@ import pkgutil
 
 import pytest
 import torch
+import transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,6 +35,11 @@ from hf_vcon.compressors import compressor_class  # noqa: E402
 PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
 for _plugin in pkgutil.iter_modules([PLUGINS]):
     importlib.import_module(f"plugins.{_plugin.name}")
+
+# from_pretrained's dtype keyword (torch_dtype before transformers 4.56), as float32: transformers 4.x loads a
+# compressed-tensors checkpoint in float16 unless told
+DTYPE_KEY = "dtype" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+FLOAT32 = {DTYPE_KEY: torch.float32}
 
 BUILT_IN = ("binary", "lowrank", "prune", "quant")
 # Every registered method with the settings it declares (``example_options``): the matrix the tests run.

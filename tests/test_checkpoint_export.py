@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-from conftest import METHOD_CASES, TinyTextDataset, build, logits, tiny_bert, vcon_config
+from conftest import FLOAT32, METHOD_CASES, TinyTextDataset, build, logits, tiny_bert, vcon_config
 from hf_vcon import (
     IncompatibleCheckpointError,
     VConConfig,
@@ -60,7 +60,7 @@ def _export_equals_merging(tmp_path, kind, method, setting):
     summary = export_checkpoint(tmp_path / "checkpoint-8", tmp_path / "merged")
     import transformers
 
-    reloaded = getattr(transformers, AUTO[kind]).from_pretrained(tmp_path / "merged").eval()
+    reloaded = getattr(transformers, AUTO[kind]).from_pretrained(tmp_path / "merged", **FLOAT32).eval()
     torch.testing.assert_close(logits(reloaded, kind), logits(merge_and_unload(model).eval(), kind), atol=1e-5, rtol=0)
     merged_keys = load_file(tmp_path / "merged" / "model.safetensors")
     assert not any("base_layer" in key or "vcon_" in key for key in merged_keys)
@@ -103,8 +103,8 @@ def test_a_trainer_checkpoint_exports_to_the_model_the_trainer_saves(tmp_path, m
     assert run_cli(monkeypatch, "export", str(checkpoint), str(tmp_path / "merged")) == 0
     inputs = TinyTextDataset(4, seed=5).input_ids
     with torch.no_grad():
-        final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final", **FLOAT32).eval()
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", **FLOAT32).eval()
         expected, exported = final(input_ids=inputs).logits, merged(input_ids=inputs).logits
     torch.testing.assert_close(exported, expected, atol=1e-6, rtol=0)
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -118,7 +118,7 @@ def test_a_checkpoint_mid_transition_warns_and_exports_the_compressed_model(tmp_
     with pytest.warns(VConWarning, match="while β = 0.95 > 0"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
     assert get_beta(load_training_checkpoint(tmp_path / "ckpt")) == pytest.approx(0.95)
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", **FLOAT32).eval()
     expected = logits(merge_and_unload(model).eval(), "bert")
     torch.testing.assert_close(logits(reloaded, "bert"), expected, atol=1e-5, rtol=0)
 

@@ -21,17 +21,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import TinyTextDataset, build, logits, tiny_inputs
+from conftest import DTYPE_KEY, TinyTextDataset, build, logits, tiny_inputs
 from hf_vcon import VConConfig, VConError, VConTrainer, VConWarning, apply_vcon, get_vcon_state, merge_and_unload, save_merged
 from hf_vcon import export_ct
 
 pytest.importorskip("compressed_tensors")
 
 AUTO = {"bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification,
-        "llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM}
-# from_pretrained's dtype argument (transformers 4.x < 4.56 calls it torch_dtype; 4.x loads compressed-tensors
-# checkpoints as float16 unless it is given)
-DTYPE_KEY = "dtype" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+        "llama": AutoModelForCausalLM, "qwen2": AutoModelForCausalLM}  # 4.x loads these checkpoints in float16 by default
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:

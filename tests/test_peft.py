@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel
 from peft import get_peft_model as peft_get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from conftest import SOLO_METHOD_CASES, TinyTextDataset, build, logits, vcon_config
+from conftest import FLOAT32, SOLO_METHOD_CASES, TinyTextDataset, build, logits, vcon_config
 from hf_vcon import (
     VConConfig,
     VConError,
@@ -73,7 +73,7 @@ def test_the_compressed_base_and_the_adapters_are_saved_apart_and_reload(tmp_pat
     set_beta(model, 0.0)
     expected = logits(model, "bert")
     save_merged(model, tmp_path)
-    base = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path, **FLOAT32).eval()
     query = base.bert.encoder.layer[0].attention.self.query.weight
     assert int((query == 0).sum()) == query.numel() // 2 and not hasattr(base, "peft_config")  # compressed, plain
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
@@ -102,7 +102,7 @@ def test_peft_first_then_vcon_on_other_layers(tmp_path):
     set_beta(peft_model, 0.0)
     expected = logits(peft_model, "bert")
     save_merged(peft_model, tmp_path)
-    base = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path, **FLOAT32).eval()
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), "bert"), expected,
                                atol=1e-5, rtol=0)
 
@@ -134,6 +134,6 @@ def test_vcon_trainer_trains_adapters_and_saves_both(tmp_path):
     trainer.save_model()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (tmp_path / "model.safetensors").is_file()
     model.eval()
-    base = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path, **FLOAT32).eval()
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), "bert"),
                                logits(model, "bert"), atol=1e-5, rtol=0)

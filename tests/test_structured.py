@@ -199,6 +199,7 @@ def test_the_state_dict_path_reads_the_group_from_the_state_dict():
         assert torch.equal(actual[key], value), key
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="block-wise VCON needs transformers >= 5")
 def test_block_wise_vcon_shrinks_every_block_copy(tmp_path):
     case, original, _ = patched("bert")
     config = VConConfig(method="structured", neuron_sparsity=0.5, granularity="block",
@@ -232,6 +233,8 @@ def test_what_structured_pruning_cannot_express_is_refused_before_the_model_chan
     assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="LlamaConfig validates head counts from transformers 5 on")
 def test_heads_whose_count_the_config_validator_rejects_are_refused_at_apply_vcon():
     # LlamaConfig checks hidden_size % num_attention_heads even with an explicit head_dim: 3 of 4 groups = 6 heads
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4,
