@@ -59,7 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.shape = "bert-base"  # overhead.build_dense's shapes: a BERT classifier
+    return args
 
 
 class IndexedBatch(torch.utils.data.Dataset):
