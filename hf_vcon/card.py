@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .state import config_changes, require_state, resized_config, unwrap_model
+from .couplings import resized_config
+from .state import config_changes, require_state, unwrap_model
 from .summary import VConSummary
 from .version import __version__
 

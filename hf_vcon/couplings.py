@@ -17,6 +17,7 @@ prefix P for which ``P.<first producer>`` exists. Architectures not in the table
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -281,3 +282,11 @@ def _block(coupling: Coupling, prefix: str, full: dict[str, str], shapes: dict, 
         raise ValueError(f"method='structured': in block {prefix!r}, {problem}; its coupling does not fit this model.")
     return Block(coupling, prefix, tuple(full.values()), tuple(along for _, along in coupling.members()),
                  tuple(widths), units)
+
+
+def resized_config(config: Any, changes: dict[str, Any]) -> Any:
+    """A copy of a model config with ``changes`` applied (the config itself is not changed)."""
+    resized = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(resized, key, value)
+    return resized

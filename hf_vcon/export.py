@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from . import export_ct
+from .couplings import resized_config
 from .errors import VConError, VConWarning
 from .peft_layers import ADAPTER_FOLDER, is_peft_model, without_adapters
-from .state import config_changes, layer_tensors, replaced_keys, require_state, resized_config, unwrap_model
+from .state import config_changes, layer_tensors, replaced_keys, require_state, unwrap_model
 from .summary import VConSummary, vcon_summary
 
 DENSE = "dense"

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .couplings import resized_config
 from .errors import VConError
-from .state import config_changes, require_state, resized_config, unwrap_model
+from .state import config_changes, require_state, unwrap_model
 
 DEFAULT_TOKENS = 128
 

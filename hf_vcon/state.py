@@ -8,7 +8,6 @@ once, when the model is patched, by the :class:`Granularity` the state keeps.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -184,11 +183,3 @@ def config_changes(state: VConState) -> dict[str, Any]:
                 raise VConError(f"The merged model cannot have one {key}: layer {name!r} needs {value}, another "
                                 f"{changes[key]}.")
     return changes
-
-
-def resized_config(config: Any, changes: dict[str, Any]) -> Any:
-    """A copy of a model config with ``changes`` applied (the config itself is not changed)."""
-    resized = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(resized, key, value)
-    return resized

@@ -8,8 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..couplings import Block, couplings_for, find_blocks, known_model_types
-from ..state import resized_config
+from ..couplings import Block, couplings_for, find_blocks, known_model_types, resized_config
 from .prune import kept_count
 
 _SHOWN = 6
