@@ -116,7 +116,7 @@ def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, 
         processing_class.save_pretrained(output_dir)
     if training_args is not None:
         torch.save(training_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-    stored = stored_sizes(output_dir, require_state(model, "export_run").targeted_module_names)
+    stored = stored_sizes(output_dir, state.targeted_module_names)
     write_card(model, output_dir, summary, trainer_state,
                details=card_details(trainer_state, training_args, export_format=resolved, stored_bytes=stored))
     return summary
