@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="vision,text", help="comma list of: vision, text")
     parser.add_argument("--methods", default="prune,binary,lowrank")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=None,
+                        help="comma list (default 0,1,2; with --report_only: every seed recorded for the task)")
     parser.add_argument("--transition", type=float, default=0.2, help="VCON / GMP Q as a fraction of --steps")
     parser.add_argument("--schedule", default="linear", help="β schedule of the VCON arm: linear, cosine, cubic")
     parser.add_argument("--steps", type=int, help="optimizer steps of every compression arm (task default)")
@@ -375,7 +376,7 @@ def main(argv=None) -> None:
     hf_logging.set_verbosity_error()
     results_path = os.path.join(args.out, "results.jsonl")
     done = read_runs(results_path)
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    seeds = [int(seed) for seed in (args.seeds or "0,1,2").split(",")]
     sweep = [float(q) for q in args.q_sweep.split(",")] if args.q_sweep else []
     base = {key: getattr(args, key) for key in DEFAULTS["vision"]}
     if args.regimes:
@@ -391,6 +392,8 @@ def main(argv=None) -> None:
                                          "max_length": args.text_max_length} if task_name == "text" else {}))
         print(f"[{task_name}] {task.description}", flush=True)
         dense = (None, None) if args.report_only else dense_model(task, args)
+        if args.report_only and args.seeds is None:  # redraw from every run recorded, not a default subset
+            seeds = sorted({record["seed"] for record in done.values() if record["task"] == task_name})
         records = run_plan(task, make_plan(args.methods.split(","), sweep, args), seeds, done, dense, args, results_path)
         if records:
             write_reports(task, records, sweep, args)
