@@ -121,3 +121,21 @@ def verify_checkpoint(checkpoint_dir: str, model: nn.Module) -> None:
             f"The VCON tensors of {checkpoint_dir!r} do not match the model: {len(missing)} missing "
             f"(e.g. {missing[:_SHOWN]}), {len(unexpected)} unexpected (e.g. {unexpected[:_SHOWN]})."
         )
+
+
+def architecture_class(config, folder: str) -> type:
+    """The transformers class ``config.architectures`` names (the model ``config.json`` in ``folder`` describes).
+
+    Raises:
+        IncompatibleCheckpointError: if it names none, or one this transformers does not provide.
+    """
+    import transformers
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        raise IncompatibleCheckpointError(
+            f"config.json in {folder!r} names architecture {architecture!r}, which transformers "
+            f"{transformers.__version__} does not provide."
+        )
+    return model_class

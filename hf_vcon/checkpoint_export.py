@@ -17,7 +17,7 @@ import shutil
 import torch
 from torch import nn
 
-from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_vcon_key, module_key_names
+from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, architecture_class, is_vcon_key, module_key_names
 from .config import CONFIG_NAME, VConConfig
 from .errors import IncompatibleCheckpointError
 from .exporter import TRAINING_ARGS_NAME, export_run
@@ -59,13 +59,7 @@ def _build_model(folder: str, saved: dict[str, torch.Tensor]) -> nn.Module:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise IncompatibleCheckpointError(f"{folder!r} has no config.json: it is not a transformers checkpoint.")
     config = transformers.AutoConfig.from_pretrained(folder)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if model_class is None:
-        raise IncompatibleCheckpointError(
-            f"config.json in {folder!r} names architecture {architecture!r}, which transformers "
-            f"{transformers.__version__} does not provide."
-        )
+    model_class = architecture_class(config, folder)
     dtype = next((tensor.dtype for tensor in saved.values() if tensor.is_floating_point()), torch.float32)
     return model_class(config).to(dtype)
 

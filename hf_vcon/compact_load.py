@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .compact import COMPACT_CONFIG_NAME, COMPACT_WEIGHTS_NAME, FORMAT_NAME, FORMAT_VERSION, PACKED_INFIX, dtype_name
+from .checkpoint import architecture_class
 from .config import VConConfig
 from .errors import IncompatibleCheckpointError
 from .linears import linear_shape
@@ -58,13 +59,7 @@ def load_compressed(path_or_repo_id: Union[str, os.PathLike], **hub_kwargs: Any)
     manifest = _read_manifest(folder)
     vcon_config = VConConfig.from_dict(manifest["vcon_config"])
     config = transformers.AutoConfig.from_pretrained(folder)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if model_class is None:
-        raise IncompatibleCheckpointError(
-            f"config.json in {folder!r} names architecture {architecture!r}, which transformers "
-            f"{transformers.__version__} does not provide."
-        )
+    model_class = architecture_class(config, folder)
     weights_file = os.path.join(folder, manifest.get("weights", COMPACT_WEIGHTS_NAME))
     if not os.path.isfile(weights_file):
         raise IncompatibleCheckpointError(f"{COMPACT_CONFIG_NAME} in {folder!r} names {weights_file!r}, which is missing.")
