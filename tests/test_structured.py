@@ -70,18 +70,22 @@ def numel(model) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+def merged_and_reloaded(model, case, folder):
+    """β = 0: the patched model's output, and the model its merged checkpoint reloads as with plain transformers."""
+    set_beta(model, 0.0)
+    expected = output(model, case)
+    save_merged(model, folder)
+    return expected, getattr(transformers, case.reload_class).from_pretrained(folder).eval()  # no hf_vcon involved
+
+
 # ------------------------------------------------------------------------------------ the promise, per model
 @pytest.mark.parametrize("key", list(CASES))
 def test_the_smaller_checkpoint_loads_plainly_and_equals_the_beta_zero_model(key, tmp_path):
     case, original, model = patched(key)
     torch.testing.assert_close(output(model, case), output(original, case), atol=1e-6, rtol=0)  # β = 1
-    set_beta(model, 0.0)
-    expected = output(model, case)
-    save_merged(model, tmp_path)
-
+    expected, reloaded = merged_and_reloaded(model, case, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {field: saved[field] for field in CASES[key]} == CASES[key]
-    reloaded = getattr(transformers, case.reload_class).from_pretrained(tmp_path).eval()  # no hf_vcon involved
     torch.testing.assert_close(output(reloaded, case), expected, atol=1e-5, rtol=0)
     assert numel(reloaded) < numel(original)
 
@@ -204,11 +208,7 @@ def test_block_wise_vcon_shrinks_every_block_copy(tmp_path):
     case, original, _ = patched("bert")
     config = VConConfig(method="structured", neuron_sparsity=0.5, granularity="block",
                         target_blocks=r"bert\.encoder\.layer\.\d+")
-    model = apply_vcon(copy.deepcopy(original), config)
-    set_beta(model, 0.0)
-    expected = output(model, case)
-    save_merged(model, tmp_path)
-    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    expected, reloaded = merged_and_reloaded(apply_vcon(copy.deepcopy(original), config), case, tmp_path)
     assert reloaded.config.intermediate_size == 32
     torch.testing.assert_close(output(reloaded, case), expected, atol=1e-5, rtol=0)
 
@@ -253,10 +253,7 @@ def test_an_unknown_architecture_is_refused_and_a_declared_coupling_prunes_it(mo
 
     register_coupling("opt", NeuronCoupling(producers=("fc1",), consumers=("fc2",), size_field="ffn_dim"))
     model = apply_vcon(copy.deepcopy(original), VConConfig(method="structured", neuron_sparsity=0.25))
-    set_beta(model, 0.0)
-    expected = output(model, case)
-    save_merged(model, tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    expected, reloaded = merged_and_reloaded(model, case, tmp_path)
     assert reloaded.config.ffn_dim == 48
     torch.testing.assert_close(output(reloaded, case), expected, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="one coupling per kind"):
