@@ -6,7 +6,8 @@ never two forward passes, and never swaps ``weight.data``.
 
 Cost (see ``benchmarks/overhead.py``): for compressions recomputed from W (prune, binary) what C needs besides W
 (the pruning cut, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
-backward instead of being kept alive between forward and backward. Once β = 0 a low-rank layer computes only
+backward instead of being kept alive between forward and backward (under autocast its 16-bit copy is kept, as
+autocast keeps a plain Linear's). Once β = 0 a low-rank layer computes only
 ``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
 """
 
@@ -38,26 +39,35 @@ class _StraightThroughLinear(torch.autograd.Function):
     W when ``kept_only`` (gradual magnitude pruning).
 
     Only x, W (a parameter: no copy) and the small compression state are saved; the effective weight is rebuilt
-    in backward for the input gradient, so no full-size temporary lives from forward to backward.
+    in backward for the input gradient, so no full-size temporary lives from forward to backward. Under autocast
+    the matmul runs in 16 bits, and like a plain Linear there (whose weight cast autocast keeps for backward) the
+    16-bit effective weight and input are saved instead: no rebuild, no casts in backward, and the memory of a
+    plain Linear under autocast.
     """
 
     @staticmethod
     def forward(ctx, x, latent, bias, state, compressor, beta: float, kept_only: bool):
         ctx.compressor, ctx.beta, ctx.kept_only, ctx.has_bias = compressor, beta, kept_only, bias is not None
         ctx.state = state  # a cut, mask or scale computed without autograd: neither an input nor an output
-        ctx.save_for_backward(x, latent)
+        ctx.x_dtype = x.dtype
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
+        low = autocast_dtype(x.device.type)
+        if low is not None and low != weight.dtype:
+            weight, x = weight.to(low), x.to(low)
+            ctx.save_for_backward(x, latent, weight)
+        else:
+            ctx.save_for_backward(x, latent)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, latent = ctx.saved_tensors
+        x, latent, *saved = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         dtype = grad_output.dtype  # under autocast the forward matmul ran in a lower precision
         if ctx.needs_input_grad[0]:
-            weight = ctx.compressor.blend(latent, ctx.state, ctx.beta).to(dtype)  # (out, in)
-            grad_x = (grad_output @ weight).to(x.dtype)
+            weight = saved[0] if saved else ctx.compressor.blend(latent, ctx.state, ctx.beta).to(dtype)  # (out, in)
+            grad_x = (grad_output @ weight).to(ctx.x_dtype)
             del weight
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
         if ctx.needs_input_grad[1]:
@@ -67,6 +77,18 @@ class _StraightThroughLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(dim=0).to(latent.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs matmuls in on ``device_type`` now; ``None`` outside autocast."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None
 
 
 class ForwardAudit:

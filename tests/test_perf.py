@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import build, tiny_inputs, vcon_config
 from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_dense_paths, set_beta, set_step
-from hf_vcon.compressors.prune import Cut, _keep_largest
+from hf_vcon.compressors.prune import Cut, _keep_largest, _keep_threshold_near
 from reference import _keep_largest_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,6 +68,41 @@ def test_training_cut_gives_the_exact_mask_step_after_step(sparsity):
         assert torch.equal(state.kept(weight), pruner.mask(weight))
         assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
         assert int(state.kept(weight).sum()) == weight.numel() - round(weight.numel() * sparsity)
+
+
+def _full_selection(weight: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
+    scores = weight.abs().reshape(-1)
+    value = scores.kthvalue(scores.numel() - keep + 1).values
+    return value, int((scores >= value).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(96, 80), (7, 13), (1, 64), (300, 2)])
+def test_banded_cut_is_the_full_selection_or_none(shape, dtype):
+    """For any guess and width, the banded search returns exactly the full selection's value and count, or None
+    when the value is outside the band; in any storage order, with ties, exact zeros and a band reaching zero."""
+    generator = torch.Generator().manual_seed(0)
+    found = missed = 0
+    for trial in range(60):
+        weight = torch.randn(shape, generator=generator)
+        if trial % 3 == 1:  # few distinct values: ties at the cut, exact zeros
+            weight = torch.randint(-4, 5, shape, generator=generator).float()
+        weight = weight.to(dtype)
+        if trial % 2:
+            weight = weight.t().contiguous().t()  # Conv1D storage: a transposed view
+        keep = int(torch.randint(1, weight.numel(), (1,), generator=generator))
+        value, reaching = _full_selection(weight, keep)
+        guess = float(value) * (1 + 0.2 * float(torch.randn((), generator=generator)))
+        width = abs(float(value)) * float(torch.rand((), generator=generator)) * 0.5 + 1e-3
+        result = _keep_threshold_near(weight, keep, guess, width)
+        if result is None:
+            missed += 1
+            inside = guess - width < float(value) <= guess + width and float(value) != 0.0
+            assert not inside or dtype != torch.float32  # bf16 rounds the band's edges
+            continue
+        found += 1
+        assert torch.equal(result[0], value) and result[1] == reaching
+    assert found > 20 and missed > 5  # both outcomes were exercised
 
 
 def test_training_cut_uses_the_band_not_a_full_selection(monkeypatch):
@@ -155,6 +190,34 @@ def test_no_effective_weight_is_saved_for_backward(method, setting, beta):
     assert full_size and all(t.untyped_storage().data_ptr() == weight_storage for t in full_size)
     output.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.5}), ("binary", {}), ("quant", {"bits": 4})])
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_under_autocast_the_16_bit_weight_is_kept_as_a_plain_linear_keeps_it(method, setting, beta):
+    """Under autocast the function saves the 16-bit effective weight and input, as autocast does for a plain Linear
+    (so the memory is a plain Linear's), and gives the output and gradients of the straight-through reference."""
+    layer = _layer(method, setting, out_features=24, in_features=32)
+    layer.set_beta(beta)
+    x = torch.randn(5, 32, requires_grad=True)
+    with torch.no_grad():
+        blended = layer.compressor.blend(layer.weight, layer.compression_state(), beta)
+    reference_weight = layer.weight.detach().clone().requires_grad_(True)
+    reference_x = x.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            output = layer(x)
+        straight_through = reference_weight + (blended - reference_weight).detach()
+        expected = F.linear(reference_x, straight_through, layer.bias)
+    assert output.dtype == torch.bfloat16 and torch.equal(output, expected)
+    full_size = [t for t in saved if t.is_floating_point() and t.numel() == layer.weight.numel()]
+    assert sorted(str(t.dtype) for t in full_size) == ["torch.bfloat16", "torch.float32"]
+    assert any(t.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr() for t in full_size)
+    gradient = torch.randn(5, 24).to(torch.bfloat16)
+    output.backward(gradient)
+    expected.backward(gradient)
+    assert torch.equal(layer.weight.grad, reference_weight.grad) and torch.equal(x.grad, reference_x.grad)
 
 
 # ------------------------------------------------------------------------------- low-rank blend forms
