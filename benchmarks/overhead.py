@@ -3,7 +3,8 @@
 A model of one of three shapes (``--shape``): BERT-base (hidden 768, MLP 3072, 12 heads; the default), MiniLM-L6
 (hidden 384, MLP 1536, 12 heads, as ``sentence-transformers/all-MiniLM-L6-v2``) or a Llama-style decoder of
 TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 32 query / 4 key-value heads), with ``--layers`` blocks and a batch of
-``--batch`` × ``--seq`` tokens; a full training step (forward, backward, AdamW step, zero_grad). Each variant is timed interleaved with the dense model (the order
+``--batch`` × ``--seq`` tokens; a full training step (forward, backward, ``--optimizer`` step, zero_grad). Each variant
+is timed interleaved with the dense model (the order
 alternates every repeat), so drift in a shared machine's load hits both; the table gives the median ratio over
 ``--repeats`` repeats after ``--warmup`` steps, with its spread (min–max). Peak training memory is measured in
 a fresh subprocess per variant (CPU: peak resident anonymous memory, sampled every millisecond, above its value
@@ -14,6 +15,7 @@ before the model is built, with glibc's mmap threshold fixed so freed tensors ar
     python benchmarks/overhead.py                                        # CPU fp32, BERT-base, 2 layers, 8 x 128
     python benchmarks/overhead.py --shape minilm --layers 6 --seq 32     # GLUE-like short sequences
     python benchmarks/overhead.py --device cuda --dtype bf16 --layers 12 --batch 32
+    python benchmarks/overhead.py --grid --no-inference                  # the settings of GRID, then one summary table
 
 Every step calls ``hf_vcon.set_step`` as the trainer does: ``transition`` rows use a schedule whose β stays
 strictly between 0 and 1, ``after`` rows Q = 0 (β = 0; low-rank then calls ``release_dense_paths``).
@@ -60,6 +62,12 @@ TARGETS = {
     "lowrank transition": ("time", "<= 1.25"), "lowrank after": ("time", "< 1.0"),
 }
 MEMORY_TARGET = "<= 1.05 (prune, binary, quant)"
+# --grid: the settings users train at, from the benchmark's own to GLUE-like short sequences and a one-layer SGD step
+GRID = (
+    {"shape": "bert-base", "layers": 2, "batch": 8, "seq": 128},
+    {"shape": "minilm", "layers": 6, "batch": 8, "seq": 32},
+    {"shape": "bert-base", "layers": 1, "batch": 2, "seq": 128, "optimizer": "sgd", "threads": 1},
+)
 # --shape -> (hidden, MLP, query heads, key-value heads); "llama" is a causal LM, the others BERT classifiers
 SHAPES = {"bert-base": (768, 3072, 12, 12), "minilm": (384, 1536, 12, 12), "llama": (2048, 5632, 32, 4)}
 
@@ -78,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, fp32 master weights")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    parser.add_argument("--grid", action="store_true",
+                        help="run every setting of GRID (shape, layers, batch, seq, optimizer, threads given there win)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--recompute-every", type=int, nargs="*", default=[10],
                         help="extra 'prune/binary transition' rows with VConConfig(recompute_every=k)")
@@ -85,10 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-timing", action="store_true", help="peak memory only")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.vocab_size is None:
-        args.vocab_size = 32000 if args.shape == "llama" else 30522
-    return args
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -122,11 +130,15 @@ def variant_config(name: str, recompute_every: int = 1) -> tuple[VConConfig, str
 
 
 class Runner:
-    """A model, its AdamW optimizer and a step counter; ``step()`` is one timed training step."""
+    """A model, its optimizer and a step counter; ``step()`` is one timed training step."""
 
     def __init__(self, args, model, vcon: bool, phase: str = "dense"):
         self.args, self.model, self.vcon, self.phase = args, model, vcon, phase
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if args.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(trainable, lr=1e-3)
+        else:
+            self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         self.batch = make_batch(args)
         self.count = 0
         if vcon:
@@ -235,7 +247,8 @@ def measure_memory(args, name: str) -> int:
     command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--shape", args.shape,
                "--layers", str(args.layers),
                "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
-               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+               "--optimizer", args.optimizer]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                         os.environ.get("PYTHONPATH", "")]),
            # A fixed mmap threshold makes glibc return every freed block >= 64 KiB at once, so peak RSS measures the
@@ -305,9 +318,40 @@ def main(argv=None) -> None:
     if args.memory_child:
         memory_child(args)
         return
+    if not args.grid:
+        run_setting(args)
+        return
+    ratios = {}
+    for setting in GRID:
+        setting_args = argparse.Namespace(**{**vars(args), **setting})
+        print()
+        ratios[setting_label(setting_args)] = run_setting(setting_args)
+    print_grid_summary(ratios, args)
+
+
+def setting_label(args) -> str:
+    return f"{args.shape} ×{args.layers}, {args.batch}×{args.seq}, {args.optimizer}, {args.threads} thread(s)"
+
+
+def print_grid_summary(ratios: dict, args) -> None:
+    """One table: step / dense per variant (rows) and setting (columns), from the tables printed above."""
+    settings = list(ratios)
+    print(f"\n# grid summary (step / dense, medians; {machine(args).split(', torch.set_num_threads')[0]})\n")
+    print("| variant | " + " | ".join(settings) + " | target (time) |")
+    print("|---|" + "---|" * (len(settings) + 1))
+    for name in next(iter(ratios.values())):
+        cells = [f"{ratios[setting][name]:.3f}" for setting in settings]
+        target = TARGETS[name][1] if name in TARGETS else "(option)"
+        print(f"| {name} | " + " | ".join(cells) + f" | {target} |")
+
+
+def run_setting(args) -> dict:
+    """Print one setting's table (and memory, inference); return each row's median ratio by its label."""
+    if args.vocab_size is None:
+        args.vocab_size = 32000 if args.shape == "llama" else 30522
     torch.set_num_threads(args.threads)
     print(f"# hf_vcon overhead: {args.shape} shapes, {args.layers} layer(s), vocab {args.vocab_size}, batch "
-          f"{args.batch}x{args.seq}, torch {torch.__version__}, {machine(args)}")
+          f"{args.batch}x{args.seq}, {args.optimizer}, torch {torch.__version__}, {machine(args)}")
     print(f"# medians of {args.repeats} interleaved repeats after {args.warmup} warm-up steps\n")
 
     dense_model = build_dense(args)
@@ -315,25 +359,24 @@ def main(argv=None) -> None:
     rows = [(name, 1) for name in args.variants]
     rows += [(name, k) for k in args.recompute_every if k != 1 for name in args.variants
              if name in ("prune transition", "binary transition")]
-    memory = {}
+    memory, ratios = {}, {}
     if not args.no_memory:
         memory["dense"] = measure_memory(args, "dense")
     print("| variant | step / dense (median) | spread (min–max) | dense step s | VCON step s | peak memory / dense | target (time) |")
     print("|---|---|---|---|---|---|---|")
     for name, every in rows:
-        if args.no_timing:
-            result = dict.fromkeys(["ratio", "min", "max", "dense_s", "vcon_s"], float("nan"))
-        else:
-            runner = vcon_runner(args, dense_model, name, every)
-            result = time_pair(args, dense, runner)
-            del runner
         label = name if every == 1 else f"{name}, recompute_every={every}"
+        timing = "– | – | – | –"
+        if not args.no_timing:
+            result = time_pair(args, dense, vcon_runner(args, dense_model, name, every))
+            ratios[label] = result["ratio"]
+            timing = (f"{result['min']:.3f}–{result['max']:.3f} | {result['dense_s']:.3f} | {result['vcon_s']:.3f}")
+            timing = f"{result['ratio']:.3f} | {timing}"
         mem = "–"
         if not args.no_memory and every == 1:
             mem = f"{measure_memory(args, name) / memory['dense']:.3f}"
         target = TARGETS[name][1] if every == 1 else "(option)"
-        print(f"| {label} | {result['ratio']:.3f} | {result['min']:.3f}–{result['max']:.3f} | {result['dense_s']:.3f} | "
-              f"{result['vcon_s']:.3f} | {mem} | {target} |", flush=True)
+        print(f"| {label} | {timing} | {mem} | {target} |", flush=True)
     if memory:
         print(f"\ndense peak training memory: {memory['dense'] / 2**20:.0f} MiB; memory target {MEMORY_TARGET}")
     if not args.no_inference:
@@ -341,6 +384,7 @@ def main(argv=None) -> None:
         print(f"\nexported lowrank (rank_ratio 0.25) inference latency / merged dense: targeted layers "
               f"{result['layers']:.3f} (target <= 0.7; {result['layers_compact_s'] * 1e3:.1f} ms vs "
               f"{result['layers_dense_s'] * 1e3:.1f} ms), whole model {result['model']:.3f}")
+    return ratios
 
 
 if __name__ == "__main__":
