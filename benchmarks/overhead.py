@@ -100,22 +100,27 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ setup
+def vocab_size(args) -> int:
+    """``--vocab-size``, or the vocabulary of the shape's model."""
+    return args.vocab_size or (32000 if args.shape == "llama" else 30522)
+
+
 def build_dense(args) -> torch.nn.Module:
     torch.manual_seed(0)
     hidden, mlp, heads, kv_heads = SHAPES[args.shape]
     if args.shape == "llama":
-        config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=hidden, intermediate_size=mlp,
+        config = LlamaConfig(vocab_size=vocab_size(args), hidden_size=hidden, intermediate_size=mlp,
                              num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=args.layers,
                              max_position_embeddings=max(args.seq, 128))
         return LlamaForCausalLM(config).to(args.device).train()
-    config = BertConfig(vocab_size=args.vocab_size, hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads,
+    config = BertConfig(vocab_size=vocab_size(args), hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads,
                         num_hidden_layers=args.layers, max_position_embeddings=512, num_labels=2)
     return BertForSequenceClassification(config).to(args.device).train()
 
 
 def make_batch(args) -> dict:
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=generator)
+    input_ids = torch.randint(0, vocab_size(args), (args.batch, args.seq), generator=generator)
     labels = input_ids if args.shape == "llama" else torch.randint(0, 2, (args.batch,), generator=generator)
     batch = {"input_ids": input_ids, "labels": labels}
     return {key: value.to(args.device) for key, value in batch.items()}
@@ -246,7 +251,7 @@ def memory_child(args) -> None:
 def measure_memory(args, name: str) -> int:
     command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--shape", args.shape,
                "--layers", str(args.layers),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(args.vocab_size),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--vocab-size", str(vocab_size(args)),
                "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
                "--optimizer", args.optimizer]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -347,10 +352,8 @@ def print_grid_summary(ratios: dict, args) -> None:
 
 def run_setting(args) -> dict:
     """Print one setting's table (and memory, inference); return each row's median ratio by its label."""
-    if args.vocab_size is None:
-        args.vocab_size = 32000 if args.shape == "llama" else 30522
     torch.set_num_threads(args.threads)
-    print(f"# hf_vcon overhead: {args.shape} shapes, {args.layers} layer(s), vocab {args.vocab_size}, batch "
+    print(f"# hf_vcon overhead: {args.shape} shapes, {args.layers} layer(s), vocab {vocab_size(args)}, batch "
           f"{args.batch}x{args.seq}, {args.optimizer}, torch {torch.__version__}, {machine(args)}")
     print(f"# medians of {args.repeats} interleaved repeats after {args.warmup} warm-up steps\n")
 
