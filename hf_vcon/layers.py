@@ -53,11 +53,11 @@ class _StraightThroughLinear(torch.autograd.Function):
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
         low = autocast_dtype(x.device.type)
-        if low is not None and low != weight.dtype:
+        cast = low is not None and low != weight.dtype
+        if cast:
             weight, x = weight.to(low), x.to(low)
-            ctx.save_for_backward(x, latent, weight)
-        else:
-            ctx.save_for_backward(x, latent)
+        keep_weight = cast and ctx.needs_input_grad[0]  # the 16-bit copy serves the input gradient alone
+        ctx.save_for_backward(x, latent, *([weight] if keep_weight else []))
         return F.linear(x, weight, bias)
 
     @staticmethod

@@ -218,6 +218,11 @@ def test_under_autocast_the_16_bit_weight_is_kept_as_a_plain_linear_keeps_it(met
     output.backward(gradient)
     expected.backward(gradient)
     assert torch.equal(layer.weight.grad, reference_weight.grad) and torch.equal(x.grad, reference_x.grad)
+    saved.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        layer(x.detach())  # no input gradient wanted: nothing 16-bit of full size is kept
+    assert [t.dtype for t in saved if t.numel() == layer.weight.numel()] == [torch.float32]
 
 
 # ------------------------------------------------------------------------------- low-rank blend forms
