@@ -208,3 +208,30 @@ def test_bf16_models_stay_bf16_through_both_exports(case, setting, tmp_path):
     assert_same(output(loaded, case, inputs), compressed, "bf16 compact reloaded", tolerance)
     merged = merge_and_unload(copy.deepcopy(model))
     assert_same(output(merged, case, inputs), compressed, "bf16 merged", tolerance)
+
+
+@pytest.mark.parametrize("setting", ["prune", "binary"])
+@pytest.mark.parametrize("case", BF16_PARAMS)
+def test_bf16_autocast_step_keeping_the_16_bit_weight_equals_rebuilding_it(case, setting, monkeypatch):
+    """Under autocast a VCON layer keeps its 16-bit effective weight for backward; one training step's loss and every
+    gradient equal, bit for bit, those of the rebuild-in-backward path (fp32 W_eff cast by autocast in forward)."""
+    if not available(case):
+        pytest.skip(f"{case.model_class} is not in transformers {transformers.__version__}")
+    _, model = patched(case, setting)
+    set_beta(model, 0.5)
+    model.eval()  # no dropout: both steps draw nothing
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**case.labels_inputs()).loss
+        loss.backward()
+        return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()
+                               if param.grad is not None}
+
+    kept_loss, kept = step()
+    monkeypatch.setattr("hf_vcon.layers.autocast_dtype", lambda device_type: None)
+    rebuilt_loss, rebuilt = step()
+    assert torch.equal(kept_loss, rebuilt_loss) and kept.keys() == rebuilt.keys() and kept
+    for name, grad in kept.items():
+        assert torch.equal(grad, rebuilt[name]), name
