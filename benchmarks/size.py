@@ -23,8 +23,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from hf_vcon import VConConfig, apply_vcon, get_vcon_state, save_compressed, save_merged  # noqa: E402
-from hf_vcon.compact import COMPACT_WEIGHTS_NAME, PACKED_INFIX  # noqa: E402
-from hf_vcon.export import stored_sizes  # noqa: E402
+from hf_vcon.export.compact_save import COMPACT_WEIGHTS_NAME, PACKED_INFIX  # noqa: E402
+from hf_vcon.export.merged import stored_sizes  # noqa: E402
 
 SETTINGS = {
     "binary (tensor scale)": dict(method="binary"),

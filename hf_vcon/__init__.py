@@ -1,16 +1,16 @@
 """hf_vcon: Vanishing Contributions (VCON, arXiv 2510.09696) compression for the Hugging Face stack.
 
-Data flows one way: config → compressors → layers → model patching → trainer → export. Imports follow it:
-``compressors`` (the registry imports nothing) ← ``config`` ← ``state`` (the core) ← ``layerwise`` / ``blocks`` ←
-``model`` ← ``summary``, ``export``, ``compact`` ← ``trainer``.
+The folders are the stages of the data flow, and imports point down their order (a test keeps it so):
+``utils`` ← ``compressors`` ← ``config`` ← ``layers`` ← ``patching`` ← ``integrations`` ← ``distill`` ← ``export`` ←
+``training``. This module gathers the public API; internal module paths may change between 0.x releases.
 """
 
 from .version import __version__
 
 # Configuration and schedules
-from .config import VConConfig
-from .schedules import beta_at
-from .settings import LayerSetting
+from .config.vcon_config import VConConfig
+from .config.schedules import beta_at
+from .config.settings import LayerSetting
 
 # Compressions
 from .compressors import (
@@ -22,13 +22,14 @@ from .compressors import (
     register_compressor,
 )
 from .compressors.lowrank import LowRankLinear
-from .couplings import HeadCoupling, NeuronCoupling, register_coupling
+from .compressors.structured.couplings import HeadCoupling, NeuronCoupling, register_coupling
 
 # Layers and model verbs
-from .layers import VConLinear
-from .blocks import VConBlock, get_block_betas
-from .state import VConState, get_vcon_state
-from .model import (
+from .layers.linear import VConLinear
+from .layers.block import VConBlock
+from .patching.blockwise import get_block_betas
+from .patching.state import VConState, get_vcon_state
+from .patching.verbs import (
     apply_vcon,
     compressed_view,
     get_beta,
@@ -38,21 +39,21 @@ from .model import (
     set_step,
     unload,
 )
-from .summary import vcon_summary
+from .patching.summary import vcon_summary
 
 # Training and export
-from .trainer import VConCallback, VConTrainer
-from .distill import DistillationConfig, kd_loss
-from .distill_trainer import DistillationMixin
-from .teacher_logits import TeacherLogits, add_teacher_index, cache_teacher_logits
-from .export import merged_state_dict, save_merged
-from .card import model_card
-from .compact import save_compressed
-from .compact_load import load_compressed
-from .checkpoint_export import export_checkpoint, load_training_checkpoint
+from .training.trainer import VConCallback, VConTrainer
+from .distill.losses import DistillationConfig, kd_loss
+from .distill.mixin import DistillationMixin
+from .distill.cached_logits import TeacherLogits, add_teacher_index, cache_teacher_logits
+from .export.merged import merged_state_dict, save_merged
+from .export.card import model_card
+from .export.compact_save import save_compressed
+from .export.compact_load import load_compressed
+from .export.from_checkpoint import export_checkpoint, load_training_checkpoint
 
 # PEFT adapters on VCON layers
-from .adapters import get_peft_model
+from .integrations.peft import get_peft_model
 
 # Errors
 from .errors import IncompatibleCheckpointError, NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .checkpoint_export import export_checkpoint
+    from .export.from_checkpoint import export_checkpoint
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
 
 from hf_vcon import VConConfig, VConTrainer, apply_vcon, get_beta, get_vcon_state, save_merged, set_step  # noqa: E402
-from hf_vcon.distributed import check_sharding  # noqa: E402
+from hf_vcon.patching.distributed import check_sharding  # noqa: E402
 
 import conftest  # noqa: E402  (this script's folder is on sys.path; it registers the tests' plugin compressions)
 from conftest import TinyTextDataset  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from architectures import BF16_KEYS, CASES
-from hf_vcon.couplings import couplings_for
+from hf_vcon.compressors.structured.couplings import couplings_for
 from hf_vcon import (
     NoTargetModulesError,
     VConConfig,
@@ -230,7 +230,7 @@ def test_bf16_autocast_step_keeping_the_16_bit_weight_equals_rebuilding_it(case,
                                if param.grad is not None}
 
     kept_loss, kept = step()
-    monkeypatch.setattr("hf_vcon.layers.autocast_dtype", lambda device_type: None)
+    monkeypatch.setattr("hf_vcon.layers.protocol.autocast_dtype", lambda device_type: None)
     rebuilt_loss, rebuilt = step()
     assert torch.equal(kept_loss, rebuilt_loss) and kept.keys() == rebuilt.keys() and kept
     for name, grad in kept.items():

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
@@ -27,7 +26,7 @@ from hf_vcon import (
     save_compressed,
     set_beta,
 )
-from hf_vcon.compact import COMPACT_CONFIG_NAME, COMPACT_WEIGHTS_NAME
+from hf_vcon.export.compact_save import COMPACT_CONFIG_NAME, COMPACT_WEIGHTS_NAME
 
 KINDS = ["bert", "gpt2", "llama", "vit"]
 

@@ -14,9 +14,9 @@ import torch
 
 from conftest import build, tiny_bert
 from hf_vcon import NoTargetModulesError, VConConfig, VConLinear, VConWarning, apply_vcon, beta_at
-from hf_vcon.config import CONFIG_NAME, SCHEDULES
-from hf_vcon.schedules import SCHEDULE_FUNCTIONS
-from hf_vcon.targets import find_targets, matches
+from hf_vcon.config.vcon_config import CONFIG_NAME, SCHEDULES
+from hf_vcon.config.schedules import SCHEDULE_FUNCTIONS
+from hf_vcon.config.targets import find_targets, matches
 from hf_vcon.version import __version__
 
 BAD_CONFIGS = [
@@ -99,8 +99,8 @@ def test_fraction_of_max_steps():
 
 # -------------------------------------------------------------------------------------------- schedules
 def test_schedule_and_transition_names_match_the_config():
-    from hf_vcon.config import TRANSITIONS
-    from hf_vcon.transitions import TRANSITIONS as TRANSITION_OBJECTS
+    from hf_vcon.config.vcon_config import TRANSITIONS
+    from hf_vcon.patching.transitions import TRANSITIONS as TRANSITION_OBJECTS
 
     assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES)
     assert set(TRANSITION_OBJECTS) == set(TRANSITIONS)

@@ -29,7 +29,7 @@ from hf_vcon import (
     cache_teacher_logits,
     kd_loss,
 )
-from hf_vcon.distill import distill_mask, hidden_state_loss
+from hf_vcon.distill.losses import distill_mask, hidden_state_loss
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -407,7 +407,7 @@ def test_a_bfloat16_teacher(tmp_path):
 
 
 def test_the_copy_keeps_tied_weights_tied_and_casts_as_it_copies():
-    from hf_vcon.teacher import frozen_copy
+    from hf_vcon.distill.teacher import frozen_copy
 
     model = build("gpt2")
     teacher = frozen_copy(model, torch.bfloat16)

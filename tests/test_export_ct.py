@@ -23,7 +23,7 @@ from transformers import (
 
 from conftest import DTYPE_KEY, TinyTextDataset, build, logits, tiny_inputs
 from hf_vcon import VConConfig, VConError, VConTrainer, VConWarning, apply_vcon, get_vcon_state, merge_and_unload, save_merged
-from hf_vcon import export_ct
+from hf_vcon.export import compressed_tensors as export_ct
 
 pytest.importorskip("compressed_tensors")
 

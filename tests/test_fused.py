@@ -31,7 +31,7 @@ from hf_vcon import (
     set_step,
     vcon_summary,
 )
-from hf_vcon.parametrized import VConWeight
+from hf_vcon.layers.weight import VConWeight
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 needs_fused_experts = pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 stores experts as Linears")
@@ -309,7 +309,7 @@ import deepspeed
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.integrations import HfDeepSpeedConfig
 from hf_vcon import VConConfig, apply_vcon, get_vcon_state, set_beta
-from hf_vcon.distributed import gathered_for_reading, prepare_zero3
+from hf_vcon.patching.distributed import gathered_for_reading, prepare_zero3
 
 deepspeed.init_distributed(dist_backend="gloo")
 ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},

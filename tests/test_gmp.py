@@ -8,7 +8,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from hf_vcon import VConConfig, VConTrainer, apply_vcon, get_beta, merge_and_unload, set_step
-from hf_vcon.schedules import gmp_sparsity
+from hf_vcon.config.schedules import gmp_sparsity
 
 from conftest import tiny_bert
 

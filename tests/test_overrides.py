@@ -24,7 +24,7 @@ from hf_vcon import (
     set_step,
     vcon_summary,
 )
-from hf_vcon.compact import COMPACT_CONFIG_NAME
+from hf_vcon.export.compact_save import COMPACT_CONFIG_NAME
 from test_core import as_linear_weight
 
 OVERRIDES = {r".*attention.*": {"sparsity": 0.5}, r".*intermediate.*": {"method": "lowrank", "rank_ratio": 0.25}}

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import SOLO_SETTING_CASES
 from hf_vcon import VConConfig, apply_vcon, available_compressors, register_compressor
 from hf_vcon.compressors import WeightCompressor, compressor_class, registry
-from hf_vcon.settings import LayerSetting, build_options
+from hf_vcon.config.settings import LayerSetting, build_options
 
 BETAS = (1.0, 0.7, 0.25, 0.0)
 

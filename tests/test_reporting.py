@@ -88,7 +88,7 @@ def test_best_model_is_chosen_by_the_compressed_model(tmp_path, metric):
 
 
 def test_compressed_metric_names_follow_the_eval_datasets():
-    from hf_vcon.reporting import compressed_metric_name
+    from hf_vcon.utils.logs import compressed_metric_name
 
     assert compressed_metric_name("accuracy") == "eval_compressed_accuracy"
     assert compressed_metric_name("eval_val_loss", ("val", "val_mm")) == "eval_val_compressed_loss"

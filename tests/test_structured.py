@@ -34,7 +34,7 @@ from hf_vcon import (
     set_step,
     vcon_summary,
 )
-from hf_vcon import couplings
+from hf_vcon.compressors.structured import couplings
 
 # key → (settings, the config fields the merged model must have, per setting)
 CASES = {
@@ -281,7 +281,7 @@ def test_the_compact_format_refuses_and_points_to_the_merged_model(tmp_path):
 
 
 def test_a_weight_alone_cannot_be_structurally_pruned():
-    from hf_vcon.compressors.structured import StructuredPruner
+    from hf_vcon.compressors.structured.pruner import StructuredPruner
 
     with pytest.raises(VConError, match="coupled layers of a block together"):
         StructuredPruner().compress(torch.randn(4, 4))

@@ -14,10 +14,10 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vcon import NoTargetModulesError, VConConfig, VConError, VConWarning, apply_vcon
-from hf_vcon.checkpoint import config_differences
-from hf_vcon.config import CONFIG_NAME as VCON_CONFIG_NAME
-from hf_vcon.export import COMPRESSED_TENSORS, resolve_export_format
-from hf_vcon.plan import plan_for, resolve_targets
+from hf_vcon.training.resume import config_differences
+from hf_vcon.config.vcon_config import CONFIG_NAME as VCON_CONFIG_NAME
+from hf_vcon.export.merged import COMPRESSED_TENSORS, resolve_export_format
+from hf_vcon.patching.plan import plan_for, resolve_targets
 
 from .distill_flags import check_distill_checkpoint, check_distill_flags
 from .flags import UsageError, VConCommonArguments, flags_named

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hf_vcon import DistillationConfig
-from hf_vcon.distill_trainer import DISTILLATION_FILE
+from hf_vcon.distill.mixin import DISTILLATION_FILE
 
 from .flags import UsageError
 

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_vcon import VConConfig, available_compressors
 from hf_vcon.compressors import compressor_class
-from hf_vcon.export import AUTO, EXPORT_FORMATS
+from hf_vcon.export.merged import AUTO, EXPORT_FORMATS
 
 NONE_METHOD = "none"
 _REGEX_CHARS = re.compile(r"[*+?\[\](){}|^$\\]")

@@ -15,8 +15,8 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hf_vcon import DistillationConfig, VConConfig, VConTrainer, get_beta, vcon_summary
-from hf_vcon.reporting import warn_if_transition_outlasts_run
-from hf_vcon.summary import human_bytes
+from hf_vcon.config.schedules import warn_if_transition_outlasts_run
+from hf_vcon.patching.summary import human_bytes
 
 from .distill_flags import TEACHER_FLAG, teacher_note
 from .flags import UsageError, VConCommonArguments

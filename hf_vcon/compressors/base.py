@@ -1,8 +1,8 @@
 """The compressor contract: two families of compression, each with one definition of the compressed weight C.
 
 A compressor turns a layer's dense weight W into the compressed weight C of VCON's path g. It never sees β or an
-optimizer step: layers hold β, the transition sets it (:mod:`hf_vcon.transitions`). Weights are always in
-``nn.Linear`` orientation ``(out_features, in_features)`` (:mod:`hf_vcon.linears` handles GPT-2's ``Conv1D``).
+optimizer step: layers hold β, the transition sets it (:mod:`hf_vcon.patching.transitions`). Weights are always in
+``nn.Linear`` orientation ``(out_features, in_features)`` (:mod:`hf_vcon.utils.linears` handles GPT-2's ``Conv1D``).
 
 - :class:`WeightCompressor`: C = C(W) is a function of the latent dense weight alone, recomputed from W as it trains
   (pruning, binary weights). The layer evaluates C without autograd and passes the gradient of the blended weight to
@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linears import linear_shape, write_weight
+from ..utils.linears import linear_shape, write_weight
 from .options import CompressorOptions
 from .packing import check_packed
-
 
 INTEGER_STRATEGIES = ("channel", "group", "tensor")
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linears import linear_shape
 from ..errors import UnsupportedLayerError
+from ..utils.linears import linear_shape
 from .base import CompressionStats, FactorCompressor
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed

@@ -1,0 +1,258 @@
+"""The merged compressed model as a compressed-tensors checkpoint (``format: pack-quantized``).
+
+compressed-tensors is the checkpoint format of quantized weights in the Hugging Face stack: plain
+``from_pretrained`` loads it (transformers' built-in compressed-tensors quantizer, with the package installed) and
+vLLM serves it (its weight-only int kernels cover 4 and 8 bits with channel or group scales). Each layer whose
+compression has an integer form (:meth:`~hf_vcon.compressors.Compressor.integer_form`: k-bit quantization, binary
+weights as 2-bit ±α) is stored as ``weight_packed`` (int32), ``weight_scale`` (the scales VCON trained with) and
+``weight_shape``; every other tensor stays dense, and the Linears that are not quantized are listed in ``ignore``.
+
+The packing is the library's own: the quantization config is applied to a plain copy of the merged model, the
+scales set, each weight set to ``codes · scale`` (from which the library derives the same codes) and the model
+compressed; ``config.json`` gets the ``quantization_config`` (without a ``sparsity_config`` entry, which vLLM
+rejects). Codes are derived in float32 and the scales are exact in the model's dtype, so a bf16 model loads in
+bf16 to exactly the merged dense model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import tempfile
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..compressors import IntegerScheme
+from ..errors import VConError, VConWarning
+from ..patching.state import VConState
+from ..patching.tensors import layer_tensors
+from ..utils.linears import is_conv1d
+
+FORMAT_NAME = "compressed-tensors"
+EXTRA = "hf_vcon[export]"
+REQUIREMENT = "compressed-tensors>=0.18,<0.21"  # 0.18 settled the packing of 3/5/6/7-bit codes; API churns per minor
+MINIMUM_VERSION = (0, 18)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def is_available() -> bool:
+    """True if the compressed-tensors package can be imported."""
+    return importlib.util.find_spec("compressed_tensors") is not None
+
+
+def require_library() -> None:
+    """Raise ``VConError`` naming the extra to install unless a usable compressed-tensors is installed."""
+    try:
+        import compressed_tensors
+    except ImportError as error:
+        raise VConError(
+            f"Writing the {FORMAT_NAME} format needs the compressed-tensors package: pip install '{EXTRA}' (or "
+            f"pip install '{REQUIREMENT}'); or save with export_format='dense'."
+        ) from error
+    version = tuple(int(part) for part in compressed_tensors.__version__.split(".")[:2] if part.isdigit())
+    if version < MINIMUM_VERSION:
+        raise VConError(
+            f"compressed-tensors {compressed_tensors.__version__} is too old for hf_vcon's {FORMAT_NAME} export "
+            f"(its 3/5/6/7-bit packing changed in 0.18): pip install '{REQUIREMENT}'."
+        )
+
+
+def integer_layer_names(state: VConState) -> list[str]:
+    """The compressed layers whose compression has an integer form."""
+    return [name for name, layer, _ in state.named_layers() if layer.compressor.integer_scheme() is not None]
+
+
+def packed_layer_names(state: VConState) -> list[str]:
+    """The integer layers the format stores packed: whole ``nn.Linear`` modules. Fused expert weights and
+    ``nn.MultiheadAttention`` projections are no Linear module of their own, so they are written dense (their
+    values are the integer codes times the scales all the same)."""
+    layers = _layers_by_name(state)
+    return [name for name in integer_layer_names(state)
+            if isinstance(getattr(layers[name], "base_layer", None), nn.Linear)]
+
+
+def _layers_by_name(state: VConState) -> dict[str, nn.Module]:
+    return dict(zip(state.targeted_module_names, state.layers))
+
+
+def blockers(model: nn.Module, state: VConState) -> list[str]:
+    """Why ``model`` cannot be written in the compressed-tensors format (empty if it can)."""
+    names = integer_layer_names(state)
+    if not names:
+        methods = sorted({setting.method for setting in state.settings})
+        return [f"no compressed layer has integer weights (method {', '.join(methods)}); the format stores "
+                "quantized layers: method='quant' or 'binary'"]
+    layers, problems = _layers_by_name(state), []
+    conv1d = [name for name in names if is_conv1d(getattr(layers[name], "base_layer", None))]
+    if conv1d:
+        problems.append(
+            f"{len(conv1d)} quantized layers ({', '.join(conv1d[:3])}{', …' if len(conv1d) > 3 else ''}) are "
+            "transformers Conv1D modules (GPT-2 style): compressed-tensors quantizes nn.Linear modules only, and "
+            "transformers loads these architectures with Conv1D again, so a quantized layer would load as random "
+            "weights")
+    head = _tied_output_head(model)
+    if head is not None and head in names:
+        problems.append(f"the output head {head!r} is quantized but tied to the input embeddings, which "
+                        "compressed-tensors cannot load; leave it out (exclude_modules)")
+    return problems
+
+
+def _tied_output_head(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return None
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
+
+
+# -------------------------------------------------------------------------------------------- write
+def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str, source: dict[str, torch.Tensor],
+                            merged: dict[str, torch.Tensor], **save_kwargs: Any) -> None:
+    """Write ``model`` (patched, unwrapped) merged at β = 0 to ``output_dir`` in the compressed-tensors format.
+
+    ``source`` is the patched model's full state dict and ``merged`` its merged form
+    (:func:`hf_vcon.merged_state_dict`).
+
+    Raises:
+        VConError: if compressed-tensors is missing, or the model cannot be written in this format
+            (:func:`blockers`); checked before anything is written.
+    """
+    problems = blockers(model, state)
+    if problems:
+        raise VConError(f"Cannot write the {FORMAT_NAME} format: {'; '.join(problems)}. Save with export_format='dense'.")
+    require_library()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    plain = _plain_model(model, merged)
+    layers = _layers_by_name(state)
+    schemes = {name: layers[name].compressor.integer_scheme() for name in packed_layer_names(state)}
+    dense = sorted(set(integer_layer_names(state)) - set(schemes))
+    if dense:
+        warnings.warn(f"{len(dense)} quantized weights ({', '.join(dense[:3])}{', …' if len(dense) > 3 else ''}) are "
+                      "no nn.Linear module of their own (fused experts, MultiheadAttention): they are written dense "
+                      "in the compressed-tensors checkpoint, with their quantized values.", VConWarning, stacklevel=4)
+    apply_quantization_config(plain, _quantization_config(plain, schemes))
+    _write_integer_weights(plain, state, source, schemes)
+    compressor = ModelCompressor.from_pretrained_model(plain, quantization_format="pack-quantized")
+    with _one_process():
+        compressor.compress_model(plain)
+    _to_original_dtypes(plain, merged)
+    plain.config.quantization_config = _quantization_config_entry(compressor)
+    save_kwargs = {**_layout_kwargs(plain, merged), **save_kwargs}
+    plain.save_pretrained(output_dir, **save_kwargs)  # config.json written once, with its quantization_config
+
+
+def _plain_model(model: nn.Module, merged: dict[str, torch.Tensor]) -> nn.Module:
+    """A float32 instance of the base architecture on the CPU holding the merged weights."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    # FSDP2 swaps the model's class for an "FSDP<name>" subclass: build the architecture itself
+    model_class = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+    with no_init_weights():
+        plain = model_class(copy.deepcopy(model.config))
+    plain = plain.to(device="cpu", dtype=torch.float32)
+    try:
+        plain.load_state_dict(merged, strict=True)
+    except RuntimeError as error:
+        raise VConError(f"The merged state dict does not fit a fresh {type(model).__name__}: {error}") from None
+    return plain.eval()
+
+
+def _quantization_config(plain: nn.Module, schemes: dict[str, IntegerScheme]) -> Any:
+    """One config group per integer scheme (``targets: ["Linear"]`` when there is one), the other Linears ignored."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    by_scheme: dict[IntegerScheme, list[str]] = {}
+    for name, scheme in schemes.items():
+        by_scheme.setdefault(scheme, []).append(name)
+    groups = {}
+    for index, (scheme, names) in enumerate(by_scheme.items()):
+        arguments = QuantizationArgs(num_bits=scheme.num_bits, type="int", symmetric=True, strategy=scheme.strategy,
+                                     group_size=scheme.group_size)
+        targets = ["Linear"] if len(by_scheme) == 1 else names
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=arguments)
+    ignore = [name for name, module in plain.named_modules() if isinstance(module, nn.Linear) and name not in schemes]
+    return QuantizationConfig(config_groups=groups, ignore=ignore)
+
+
+def _write_integer_weights(plain: nn.Module, state: VConState, source: dict, schemes: dict[str, IntegerScheme]) -> None:
+    """Set each quantized module's scale to VCON's and its weight to codes · scale (float32, exact)."""
+    with torch.no_grad():
+        for name, layer, weight, params in layer_tensors(state, source):
+            if name not in schemes:
+                continue
+            module = plain.get_submodule(name)
+            if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
+                raise VConError(f"compressed-tensors did not attach a quantization scheme to {name!r}.")
+            form = layer.compressor.integer_form(weight, params)
+            module.weight_scale.copy_(form.scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.zero_()
+            # The library derives the codes again as clamp(round(W / s)): from W = codes · s they come out unchanged.
+            module.weight.copy_(form.codes.to(torch.float32) * form.expanded_scale())
+
+
+@contextlib.contextmanager
+def _one_process():
+    """compressed-tensors compresses across ranks when torch.distributed is initialised, but only the saving process
+    exports here (the others would never join); keep it to this process."""
+    from compressed_tensors.compressors.model_compressors import model_compressor
+
+    original = getattr(model_compressor, "is_distributed", None)
+    if original is None:
+        yield
+        return
+    model_compressor.is_distributed = lambda: False
+    try:
+        yield
+    finally:
+        model_compressor.is_distributed = original
+
+
+def _layout_kwargs(plain: nn.Module, merged: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``save_original_format=False`` where transformers 5 would write the weights back in an older layout (fused MoE
+    experts split into per-expert ``w1``/``w2``/``w3``): it cannot load a compressed-tensors checkpoint in that layout
+    (its conversion on load finds no tensors to concatenate), while the model's own layout loads exactly."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x saves the model's own layout
+        return {}
+    reverted = revert_weight_conversion(plain, dict(merged))
+    return {} if set(reverted) == set(merged) else {"save_original_format": False}
+
+
+def _to_original_dtypes(plain: nn.Module, merged: dict[str, torch.Tensor]) -> None:
+    """Dense tensors back in the model's dtypes and each scale in its layer's (exact by construction), in place."""
+    for key, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
+        if key.endswith(".weight_scale"):
+            dtype = merged[key[: -len("_scale")]].dtype
+        elif key in merged and tensor.is_floating_point():
+            dtype = merged[key].dtype
+        else:
+            continue
+        if tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _quantization_config_entry(compressor: Any) -> dict:
+    """``config.json``'s ``quantization_config`` as the library writes it (``update_config``), without the
+    ``sparsity_config`` entry that vLLM ≥ 0.24 refuses."""
+    with tempfile.TemporaryDirectory() as folder:
+        compressor.update_config(folder)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            entry = json.load(handle)["quantization_config"]
+    entry.pop("sparsity_config", None)
+    return entry

@@ -1,0 +1,196 @@
+"""The merged compressed checkpoint: plain ``from_pretrained`` loads it, with no hf_vcon.
+
+Two formats (``format=`` of :func:`save_merged`, ``export_format=`` of the trainer):
+
+- ``"dense"``: every weight stored as a float tensor, C written in (zeros, ±α, q·s values): any transformers
+  loads it, no other package needed; no smaller than the original.
+- ``"compressed-tensors"``: the quantized layers (``quant``, ``binary``) stored as packed integers and scales
+  (:mod:`hf_vcon.export.compressed_tensors`); ``from_pretrained`` loads it with the compressed-tensors package installed, vLLM
+  serves it.
+- ``"auto"`` (the default) is compressed-tensors when some compressed layer has integer weights, the model can be
+  written in it (nn.Linear layers, no tied quantized head) and the package is installed; dense otherwise.
+
+Everything here works from a state dict, so that FSDP / ZeRO-3 runs can pass the full state dict gathered on the
+main process instead of the sharded tensors the modules hold.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..compressors.structured.couplings import resized_config
+from ..errors import VConError, VConWarning
+from ..patching.state import require_state
+from ..patching.summary import VConSummary, vcon_summary
+from ..patching.tensors import config_changes, layer_tensors, replaced_keys
+from ..utils.modules import unwrap_model
+from ..utils.peft import ADAPTER_FOLDER, is_peft_model, without_adapters
+from . import compressed_tensors as export_ct
+
+DENSE = "dense"
+COMPRESSED_TENSORS = export_ct.FORMAT_NAME
+AUTO = "auto"
+EXPORT_FORMATS = (AUTO, COMPRESSED_TENSORS, DENSE)
+
+
+def merged_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``merge_and_unload(model)`` without touching the model: keys of the base architecture,
+    each targeted weight replaced by its compressed form (β = 0), smaller where the compression removes rows or
+    columns (structured pruning; :func:`~hf_vcon.patching.tensors.config_changes` gives the config that fits it).
+
+    Args:
+        model: a model patched by :func:`hf_vcon.apply_vcon` (possibly inside DDP/FSDP wrappers).
+        state_dict: the model's full state dict, when the modules hold only shards (FSDP, ZeRO-3); defaults
+            to ``model.state_dict()``.
+    """
+    state = require_state(model, "merged_state_dict")
+    inner = unwrap_model(model)
+    source = without_adapters(inner, state_dict if state_dict is not None else inner.state_dict())
+    dropped, renamed = replaced_keys(state)
+    layer_wise = state.granularity.layer_wise_state_dict(state, source)
+    merged = {renamed.get(key, key): value for key, value in layer_wise.items() if key not in dropped}
+    with torch.no_grad():
+        tensors = list(layer_tensors(state, source))
+        latent = {name: weight for name, _, weight, _ in tensors}  # coupled compressions read their group here
+        for name, layer, weight, params in tensors:
+            merged.update(layer.merged_state(name, weight, params, merged, latent))
+    return merged
+
+
+def check_export_format(export_format: Any, field: str = "export_format") -> None:
+    """Raise ``ValueError`` unless ``export_format`` is one of :data:`EXPORT_FORMATS`."""
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"{field}={export_format!r} is not known; use one of: {', '.join(EXPORT_FORMATS)}.")
+
+
+def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: bool = True) -> str:
+    """The format :func:`save_merged` writes for ``model``: ``"dense"`` or ``"compressed-tensors"``.
+
+    Raises:
+        ValueError: for an unknown ``export_format``.
+        VConError: for ``"compressed-tensors"`` when the model cannot be written in it (no integer layers, GPT-2
+            style Conv1D layers, a tied quantized head) or the package is missing, naming the extra to install.
+    """
+    check_export_format(export_format)
+    if export_format == DENSE:
+        return DENSE
+    inner = unwrap_model(model)
+    state = require_state(inner, "save_merged")
+    problems = export_ct.blockers(inner, state)
+    if export_format == COMPRESSED_TENSORS:
+        if problems:
+            raise VConError(f"export_format='{COMPRESSED_TENSORS}' cannot write this model: {'; '.join(problems)}. "
+                            "Use export_format='dense'.")
+        export_ct.require_library()
+        return COMPRESSED_TENSORS
+    if problems:
+        if warn and export_ct.integer_layer_names(state):
+            warnings.warn(f"Saving the merged model dense: {'; '.join(problems)}.", VConWarning, stacklevel=3)
+        return DENSE
+    if not export_ct.is_available():
+        if warn:
+            warnings.warn(
+                f"The quantized layers will be saved dense (float weights, no smaller): the {COMPRESSED_TENSORS} "
+                f"format needs the compressed-tensors package (pip install '{export_ct.EXTRA}'). Pass "
+                "export_format='dense' to silence this.", VConWarning, stacklevel=3)
+        return DENSE
+    return COMPRESSED_TENSORS
+@contextmanager
+def _config_of_merged_model(model: nn.Module, changes: dict) -> Iterator[None]:
+    """Within the block ``model.config`` is a copy with the merged model's sizes, so that ``save_pretrained`` writes
+    ``config.json`` once, as transformers writes it, with the sizes of the tensors it saves."""
+    if not changes:
+        yield
+        return
+    config = model.config
+    model.config = resized_config(config, changes)
+    try:
+        yield
+    finally:
+        model.config = config
+
+
+def save_merged(
+    model: nn.Module,
+    output_dir: str,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    *,
+    format: str = AUTO,
+    **save_kwargs: Any,
+) -> VConSummary:
+    """Write the merged compressed model (safetensors + ``config.json``) and ``vcon_config.json`` to ``output_dir``.
+
+    The patched model itself is left as it is (training can go on); where the compression changes the model's sizes
+    (structured pruning), ``config.json`` says the new ones. A ``peft.PeftModel`` writes its compressed base model
+    there and its adapters to ``output_dir/adapter`` (load: ``PeftModel.from_pretrained(AutoModel…
+    .from_pretrained(output_dir), output_dir + "/adapter")``).
+
+    Args:
+        model: a model patched by :func:`hf_vcon.apply_vcon` (possibly wrapped).
+        output_dir: the folder to write.
+        state_dict: the model's full state dict, when its modules hold only shards (FSDP, ZeRO-3).
+        format: ``"auto"`` (default), ``"dense"`` or ``"compressed-tensors"`` (see this module's docstring).
+        save_kwargs: passed to ``save_pretrained`` (``max_shard_size``, ``safe_serialization``…).
+
+    Returns:
+        The summary of the compression.
+
+    Raises:
+        VConError: if ``format="compressed-tensors"`` cannot be written (checked before anything is written).
+
+    Example:
+        >>> import tempfile, json, os
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from hf_vcon import VConConfig, apply_vcon, save_merged
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                                      num_hidden_layers=1, num_attention_heads=2))
+        >>> model = apply_vcon(model, VConConfig(method="quant", bits=4, transition_steps=0))
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = save_merged(model, folder, format="compressed-tensors")
+        >>> json.load(open(os.path.join(folder, "config.json")))["quantization_config"]["format"]
+        'pack-quantized'
+    """
+    check_export_format(format, "format")
+    inner = unwrap_model(model)
+    state = require_state(inner, "save_merged")
+    resolved = resolve_export_format(inner, format)
+    source = state_dict if state_dict is not None else inner.state_dict()
+    merged = merged_state_dict(inner, source)
+    with _config_of_merged_model(inner, config_changes(state)):
+        if resolved == COMPRESSED_TENSORS:
+            export_ct.save_compressed_tensors(inner, state, output_dir, source, merged, **save_kwargs)
+        else:
+            inner.save_pretrained(output_dir, state_dict=merged, **save_kwargs)
+    state.config.save_pretrained(output_dir)
+    if is_peft_model(model):  # the adapters apart, on the compressed base: PeftModel.from_pretrained(base, adapter/)
+        model.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))
+    return vcon_summary(inner, without_adapters(inner, source))
+
+
+def stored_sizes(output_dir: str, layer_names: list[str]) -> tuple[int, int]:
+    """Bytes of the tensors of ``layer_names`` (weights, packed codes, scales…) and of all tensors, as stored in the
+    safetensors files of ``output_dir`` (read from their headers)."""
+    from safetensors import safe_open
+
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    names, prefixes = set(layer_names), tuple(f"{name}." for name in layer_names)  # a module, or a weight (experts)
+    targeted = total = 0
+    for file in sorted(os.listdir(output_dir)):
+        if not file.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(output_dir, file), framework="pt") as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                size = itemsize[view.get_dtype()]
+                for dimension in view.get_shape():
+                    size *= dimension
+                total += size
+                if (key in names or key.startswith(prefixes)) and key.rsplit(".", 1)[-1] != "bias":
+                    targeted += size
+    return targeted, total

@@ -1,0 +1,108 @@
+"""VCON under DDP, FSDP (1 and 2) and DeepSpeed ZeRO-3, through the engines the Trainer already uses.
+
+- **DDP** needs nothing here: DDP broadcasts every parameter (``vcon_A``/``vcon_B`` included) from rank 0 when it
+  wraps the model, β is a function of the optimizer step, and a path that contributes nothing still gets an exact
+  zero gradient (``layers.keep_in_graph``), so ``find_unused_parameters`` can stay off.
+- **FSDP** gathers a unit's weights for its forward; a VCON layer computes its mask / scale / blend there, from the
+  full W, provided W and the layer's ``vcon_*`` tensors are gathered by the same unit. :func:`check_sharding`
+  refuses a wrapping that shards a VCON layer's ``base_layer`` as a unit of its own; :func:`check_fsdp_plugin`
+  refuses FSDP1 without ``use_orig_params`` (its flat parameters hide the ``vcon_*`` parameters from the layer).
+- **ZeRO-3** gathers a module's *own* parameters before its forward; :func:`prepare_zero3` marks VCON layers as
+  ZeRO-3 leaf modules so that W (a parameter of the child ``base_layer``) is gathered with them, and
+  :func:`gathered_for_reading` gathers W when :func:`hf_vcon.apply_vcon` builds the low-rank factors from a model
+  that ``from_pretrained`` already partitioned.
+
+The merged checkpoint is built from a full state dict on the main process (``VConTrainer.save_model``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import VConError
+from ..layers.linear import VConLinear
+
+
+def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 partitioned (it carries a ``ds_id``)."""
+    return hasattr(tensor, "ds_id")
+
+
+@contextmanager
+def gathered_for_reading(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block, ZeRO-3-partitioned ``tensors`` hold their full values on every rank (read-only).
+
+    A no-op for ordinary tensors; with partitioned ones, every rank must enter the block (it all-gathers).
+    """
+    partitioned = [tensor for tensor in tensors if is_zero3_partitioned(tensor)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # only reachable when DeepSpeed partitioned the tensors, so it is installed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def prepare_zero3(model: nn.Module) -> None:
+    """Mark every VCON layer class in ``model`` as a DeepSpeed ZeRO-3 leaf module, before ``deepspeed.initialize``.
+
+    ZeRO-3 fetches a module's own parameters before its forward; a VCON layer reads its ``base_layer``'s weight
+    without calling ``base_layer``, so the whole layer must be fetched as one leaf.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list(dict.fromkeys(type(module) for module in model.modules() if isinstance(module, VConLinear)))
+    if classes:
+        set_z3_leaf_modules(model, classes)
+
+
+def _shard_unit_types() -> tuple[type, ...]:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def check_sharding(model: nn.Module) -> None:
+    """Raise if FSDP made a VCON layer's ``base_layer`` a unit of its own (outside its forward W is only a shard).
+
+    Call it on the wrapped model (``VConTrainer`` does, at its first training step).
+
+    Raises:
+        VConError: naming the layer and the wrapping to use instead.
+    """
+    if not torch.distributed.is_available():
+        return
+    units = _shard_unit_types()
+    for name, module in model.named_modules():
+        if isinstance(module, VConLinear) and isinstance(module.base_layer, units):
+            raise VConError(
+                f"FSDP sharded the base layer of the VCON layer {name!r} as a unit of its own "
+                f"({type(module.base_layer).__name__}); VCON reads that weight next to the layer's vcon_* tensors, so "
+                "both must be gathered by the same unit. Wrap whole transformer blocks (fsdp_config "
+                "auto_wrap_policy='TRANSFORMER_BASED_WRAP', transformer_layer_cls_to_wrap=[...]) or the VConLinear "
+                "modules themselves, not single Linear layers (e.g. SIZE_BASED_WRAP with a small min_num_params)."
+            )
+
+
+def check_fsdp_plugin(plugin: Any) -> None:
+    """Raise for FSDP settings VCON cannot train under: FSDP1 without ``use_orig_params``.
+
+    Args:
+        plugin: accelerate's ``FullyShardedDataParallelPlugin`` (``fsdp_version``, ``use_orig_params``).
+
+    Raises:
+        VConError: with the setting to change.
+    """
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 1:
+        return
+    if not getattr(plugin, "use_orig_params", True):
+        raise VConError(
+            "FSDP1 with use_orig_params=False flattens each unit's parameters, hiding the vcon_* parameters of the VCON "
+            "layers (and needs one requires_grad per unit). Set fsdp_config use_orig_params=true (accelerate: "
+            "fsdp_use_orig_params: true), or use FSDP2 (fsdp_version: 2)."
+        )
