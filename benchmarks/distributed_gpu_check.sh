@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FSDP2, FSDP1 (use_orig_params) and DeepSpeed ZeRO-3 through VConTrainer + `accelerate launch`, and FSDP1/FSDP2
-# without the Trainer, on one CUDA GPU: the `gpu`-marked tests of tests/test_distributed.py. Under 5 minutes.
+# without the Trainer, on one CUDA GPU: the `gpu`-marked tests of tests/training/test_distributed.py. Under 5 minutes.
 #
 #   bash benchmarks/distributed_gpu_check.sh            # from the repository root, on a machine with a GPU
 #
@@ -22,6 +22,6 @@ for name in ("torch", "transformers", "accelerate", "deepspeed"):
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
-timeout 290 "$PYTHON" -m pytest -q -m gpu tests/test_distributed.py -rA -p no:cacheprovider \
+timeout 290 "$PYTHON" -m pytest -q -m gpu tests/training/test_distributed.py -rA -p no:cacheprovider \
     --junitxml="$LOGS/gpu_check.xml" 2>&1 | tee "$LOGS/gpu_check.log"
 exit "${PIPESTATUS[0]}"

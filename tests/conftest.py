@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
 
 import pytest
 import torch
@@ -32,7 +33,16 @@ from transformers import (  # noqa: E402
 from hf_vcon import VConConfig, available_compressors  # noqa: E402
 from hf_vcon.compressors import compressor_class  # noqa: E402
 
-PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The tests live in one folder per stage of the package; some share fixtures and helpers by importing one another
+# by module name (``from test_trainer import make_trainer``), so every stage folder is importable.
+for _folder in sorted(os.listdir(TESTS)):
+    if os.path.isfile(os.path.join(TESTS, _folder, "__init__.py")) or _folder in ("plugins", "data", "__pycache__"):
+        continue
+    if os.path.isdir(os.path.join(TESTS, _folder)) and os.path.join(TESTS, _folder) not in sys.path:
+        sys.path.insert(0, os.path.join(TESTS, _folder))
+
+PLUGINS = os.path.join(TESTS, "plugins")
 for _plugin in pkgutil.iter_modules([PLUGINS]):
     importlib.import_module(f"plugins.{_plugin.name}")
 

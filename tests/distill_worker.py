@@ -1,4 +1,4 @@
-"""Worker that ``tests/test_distill_ddp.py`` launches on two gloo ranks (``torchrun``), and imports for the one-process
+"""Worker that ``tests/distill/test_distill_ddp.py`` launches on two gloo ranks (``torchrun``), and imports for the one-process
 reference: VConTrainer with distillation on a tiny BERT, under DDP with ``ddp_find_unused_parameters=False``.
 
 Each rank writes ``<output>/<run>-rank<r>.json``: how the Trainer wrapped the student and whether anything wrapped

@@ -1,4 +1,4 @@
-"""Worker that ``tests/test_distributed.py`` and ``benchmarks/distributed_gpu_check.sh`` launch on every rank.
+"""Worker that ``tests/training/test_distributed.py`` and ``benchmarks/distributed_gpu_check.sh`` launch on every rank.
 
 It trains a tiny BERT (built from a config, no Hub) with :class:`hf_vcon.VConTrainer` for each method, under
 whatever distribution the launcher set up (``accelerate launch --config_file …`` / ``torchrun``: DDP, FSDP,

@@ -230,7 +230,7 @@ def test_block_granularity_on_transformers_4_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------- format versions
-V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1")
+V1 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v1")
 V1_EXPECTED = {
     "prune.json": VConConfig(method="prune", sparsity=0.9),
     "lowrank_targets.json": VConConfig(method="lowrank", rank_ratio=0.25, target_modules=["query", "value"],

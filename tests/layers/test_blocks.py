@@ -217,8 +217,9 @@ def test_ddp_without_find_unused_parameters(tmp_path):
     import subprocess
     import sys
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]), GLOO_SOCKET_IFNAME="lo")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests, here]), GLOO_SOCKET_IFNAME="lo")
     result = subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store")], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "DDP OK" in result.stdout, result.stderr[-3000:]

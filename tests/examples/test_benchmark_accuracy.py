@@ -11,7 +11,7 @@ import pytest
 
 from hf_vcon import VConConfig, beta_at
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow

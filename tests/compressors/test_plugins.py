@@ -142,7 +142,7 @@ def test_installed_packages_register_through_entry_points(monkeypatch, tmp_path)
 
 # --------------------------------------------------------------------------------------- example flags
 def test_every_option_of_every_compression_is_an_example_flag_with_its_help(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"))
     from transformers import HfArgumentParser
     from vcon_examples import VConArguments
 

@@ -19,7 +19,7 @@ from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_d
 from hf_vcon.compressors.prune import Cut, _keep_largest, _keep_threshold_near
 from reference import _keep_largest_rows
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _layer(method: str, setting: dict, out_features=12, in_features=16, **overrides) -> VConLinear:

@@ -198,7 +198,7 @@ def test_block_wise_round_trip_equals_the_merged_model(method, setting, tmp_path
 @pytest.mark.parametrize("folder, kind", [("compact_binary", "bert"), ("compact_lowrank_gpt2", "gpt2")])
 def test_folders_written_by_hf_vcon_0_1_still_load(folder, kind):
     """Compact format 1 (hf_vcon 0.1: one setting for every layer, the config's) loads as written."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1", folder)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v1", folder)
     assert json.loads(open(os.path.join(path, COMPACT_CONFIG_NAME)).read())["format_version"] == 1
     expected = torch.tensor(json.loads(open(os.path.join(path, "expected_logits.json")).read()))
     got = logits(load_compressed(path), kind)

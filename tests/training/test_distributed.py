@@ -22,7 +22,7 @@ import distributed_worker as worker
 from hf_vcon import VConConfig, VConError, apply_vcon, available_compressors
 from hf_vcon.patching.distributed import check_fsdp_plugin, check_sharding, gathered_for_reading
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(REPO, "tests", "distributed_worker.py")
 CONFIGS = os.path.join(REPO, "examples", "accelerate_configs")
 METHODS = list(available_compressors())

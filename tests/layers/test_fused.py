@@ -141,8 +141,9 @@ def test_experts_under_ddp_without_find_unused_parameters(tmp_path):
     import os
     import subprocess
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]), GLOO_SOCKET_IFNAME="lo",
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests, here]), GLOO_SOCKET_IFNAME="lo",
                OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store"), tests], env=env,
                             capture_output=True, text=True, timeout=300)

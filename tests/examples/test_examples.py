@@ -22,7 +22,7 @@ from transformers import (
 
 from test_trainer import fake_hub  # noqa: F401  (a fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLUE = os.path.join(REPO, "examples", "glue", "run_glue_vcon.py")
 VISION = os.path.join(REPO, "examples", "vision", "run_image_classification_vcon.py")
 TINY_VIT = "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32"
