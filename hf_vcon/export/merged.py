@@ -32,7 +32,7 @@ from ..patching.state import require_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.tensors import config_changes, layer_tensors, replaced_keys
 from ..utils.modules import unwrap_model
-from ..utils.peft import ADAPTER_FOLDER, is_peft_model, without_adapters
+from ..utils.peft import ADAPTER_FOLDER, check_not_in_modules_to_save, is_peft_model, without_adapters
 from . import compressed_tensors as export_ct
 from .verify import load_problem
 
@@ -78,13 +78,15 @@ def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: 
     Raises:
         ValueError: for an unknown ``export_format``.
         VConError: for ``"compressed-tensors"`` when the model cannot be written in it (no integer layers, GPT-2
-            style Conv1D layers, a tied quantized head) or the package is missing, naming the extra to install.
+            style Conv1D layers, a tied quantized head) or the package is missing, naming the extra to install; for
+            any format, when a VCON layer sits in a PEFT ``modules_to_save`` wrapper (no export can be right).
     """
     check_export_format(export_format)
-    if export_format == DENSE:
-        return DENSE
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
+    check_not_in_modules_to_save(inner, state.targeted_module_names)
+    if export_format == DENSE:
+        return DENSE
     problems = export_ct.blockers(inner, state)
     if export_format == COMPRESSED_TENSORS:
         if problems:
