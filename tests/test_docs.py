@@ -76,6 +76,24 @@ def test_the_readme_is_short():
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it to {README_MAX_LINES} and move the rest to docs/"
 
 
+def documented_names() -> set[str]:
+    """The names the API reference renders: every ``::: hf_vcon.<name>`` line of docs/reference/."""
+    folder = os.path.join(ROOT, "docs", "reference")
+    names = set()
+    for page in os.listdir(folder):
+        if page.endswith(".md"):
+            with open(os.path.join(folder, page), encoding="utf-8") as handle:
+                names.update(re.findall(r"^:::\s+hf_vcon\.(\w+)\s*$", handle.read(), re.MULTILINE))
+    return names
+
+
+def test_every_public_name_is_in_the_reference():
+    import hf_vcon
+
+    missing = sorted(set(hf_vcon.__all__) - {"__version__"} - documented_names())
+    assert not missing, f"add a '::: hf_vcon.<name>' entry to a page of docs/reference/ for: {missing}"
+
+
 def test_the_docs_pages_are_found():
     pages = {os.path.relpath(path, ROOT) for path in markdown_files()}
     assert {"README.md", "docs/index.md", "docs/contributing.md", "docs/reference/index.md"} <= pages
