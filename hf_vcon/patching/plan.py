@@ -155,7 +155,7 @@ def _check_no_shared_weight(model: nn.Module, names: list[str]) -> None:
     for key, parameter in model.named_parameters(remove_duplicate=False):
         name = targeted.get(id(parameter))
         owner = key.rpartition(".")[0]
-        if name is not None and owner not in targeted.values() and not _is_inside(owner, name):
+        if name is not None and not _is_inside(key, name) and not any(_is_inside(key, other) for other in names):
             raise VConError(
                 f"The targeted layer {name!r} shares its weight with {key!r} (tied embeddings): compressing it would "
                 f"compress {owner!r} too, in every export, while the trained model reads it dense. Leave it out "
@@ -165,9 +165,10 @@ def _check_no_shared_weight(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def _is_inside(owner: str, name: str) -> bool:
-    """Whether the parameter owner ``owner`` is the layer ``name`` itself or a part of it."""
-    return owner == name or owner.startswith(f"{name}.")
+def _is_inside(key: str, name: str) -> bool:
+    """Whether the parameter ``key`` is what the target ``name`` compresses: a weight of the layer ``name``, or the
+    weight ``name`` itself (fused experts, MultiheadAttention projections)."""
+    return key == name or key.startswith(f"{name}.")
 
 
 def _bound(model: nn.Module, config: VConConfig, kept: list[tuple]) -> list[tuple]:
