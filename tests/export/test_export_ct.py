@@ -347,3 +347,22 @@ def test_a_folder_that_loads_other_weights_falls_back(monkeypatch, tmp_path):
     with pytest.warns(VConWarning, match=r"does not load back: .*lm_head"):
         save_merged(model, str(tmp_path))
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_the_trainer_under_auto_falls_back_after_training_and_its_card_says_dense(monkeypatch, tmp_path):
+    init_reading_every_weight(monkeypatch)
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                                          use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    causal = [{"input_ids": row, "labels": row} for row in TinyTextDataset(8).input_ids]
+    trainer = VConTrainer(model=build("llama").train(), args=args, train_dataset=causal,
+                          vcon_config=VConConfig(method="quant", bits=4, transition_steps=1))
+    assert trainer.export_format == "compressed-tensors"  # what the model allows; loading is checked when written
+    trainer.train()
+    with pytest.warns(VConWarning, match="Saving the merged model dense: .*does not load back"):
+        trainer.save_model()
+    assert trainer.export_format == "dense"
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "pack-quantized" not in card and "| targeted layers as stored | 0 " not in card
+    merged = merge_and_unload(copy.deepcopy(trainer.model)).eval()
+    torch.testing.assert_close(logits(load("llama", tmp_path), "llama"), logits(merged, "llama"), atol=1e-6, rtol=0)
