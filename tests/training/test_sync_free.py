@@ -73,19 +73,11 @@ def assert_sync_free(kind: str, config, phase: str, autocast: bool) -> None:
 
 
 DTYPES = [pytest.param(False, id="fp32"), pytest.param(True, id="bf16-autocast")]
-# Cases that synchronise today (the pruning cut's search, structured's unit selection), marked until fixed.
-SYNCING = {"prune", "structured"}
-SYNCS = pytest.mark.xfail(strict=True, reason="the pruning state synchronises")
-
-
-def marked(cases):
-    return [pytest.param(*case.values, id=case.id, marks=[SYNCS] if case.values[0] in SYNCING else [])
-            for case in cases]
 
 
 @pytest.mark.parametrize("autocast", DTYPES)
 @pytest.mark.parametrize("phase", ["transition", "after"])
-@pytest.mark.parametrize("method, setting", marked(SETTING_CASES))
+@pytest.mark.parametrize("method, setting", SETTING_CASES)
 def test_layer_wise_step_is_sync_free(method, setting, phase, autocast):
     assert_sync_free("bert", vcon_config(method, setting, transition_steps=Q), phase, autocast)
 
@@ -93,7 +85,7 @@ def test_layer_wise_step_is_sync_free(method, setting, phase, autocast):
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="block-wise VCON needs transformers >= 5")
 @pytest.mark.parametrize("autocast", DTYPES)
 @pytest.mark.parametrize("phase", ["transition", "after"])
-@pytest.mark.parametrize("method, setting", marked(METHOD_CASES))
+@pytest.mark.parametrize("method, setting", METHOD_CASES)
 def test_block_wise_step_is_sync_free(method, setting, phase, autocast):
     config = vcon_config(method, setting, transition_steps=Q, granularity="block", target_blocks=BLOCKS["bert"])
     assert_sync_free("bert", config, phase, autocast)
@@ -102,21 +94,18 @@ def test_block_wise_step_is_sync_free(method, setting, phase, autocast):
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 stores experts as Linears")
 @pytest.mark.parametrize("autocast", DTYPES)
 @pytest.mark.parametrize("phase", ["transition", "after"])
-@pytest.mark.parametrize("method, setting", marked(SOLO_METHOD_CASES))
+@pytest.mark.parametrize("method, setting", SOLO_METHOD_CASES)
 def test_fused_experts_step_is_sync_free(method, setting, phase, autocast):
-    if method == "lowrank" and phase == "transition" and autocast:
-        pytest.xfail("the blend of a fused low-rank weight mixes dtypes under autocast")
     assert_sync_free("mixtral", vcon_config(method, setting, transition_steps=Q), phase, autocast)
 
 
-@SYNCS
 @pytest.mark.parametrize("phase", ["transition", "after"])
 @pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"sparsity": 0.75, "prune_pattern": "row"}])
 def test_gradual_pruning_step_is_sync_free(setting, phase):
     assert_sync_free("bert", vcon_config("prune", setting, transition_steps=Q, transition="gmp"), phase, False)
 
 
-@pytest.mark.parametrize("method, setting", [pytest.param("prune", {"sparsity": 0.5}, id="prune", marks=SYNCS),
+@pytest.mark.parametrize("method, setting", [pytest.param("prune", {"sparsity": 0.5}, id="prune"),
                                              pytest.param("binary", {}, id="binary")])
 def test_step_with_recompute_every_is_sync_free(method, setting):
     assert_sync_free("bert", vcon_config(method, setting, transition_steps=Q, recompute_every=3), "new window", False)
