@@ -30,7 +30,7 @@ from ..utils.linears import (
 )
 from ..utils.modules import replace_module
 from ..utils.peft import check_not_inside_vcon
-from .protocol import ForwardAudit, StraightThroughLinear, VConUnit, keep_in_graph
+from .protocol import COMPRESSED, DENSE, ForwardAudit, StraightThroughLinear, VConUnit, keep_in_graph
 
 
 class VConLinear(VConUnit):
@@ -91,20 +91,21 @@ class VConLinear(VConUnit):
             ForwardAudit.active.ran.add(id(self))
         if not isinstance(self.base_layer, LINEAR_TYPES):  # an adapter was put inside this layer after patching
             check_not_inside_vcon(self)
-        if self.beta == 1.0:  # f alone
+        if self.phase == DENSE:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)
         if self.compressor.trains_straight_through:  # β·W + (1−β)·C(W), one matmul, gradient straight through to W
             # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
             # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
             flat = StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
-                                               self.compression_state(), self.compressor, self.beta, self.kept_only)
+                                               self.compression_state(), self.compressor, self.blend_weight(),
+                                               self.kept_only)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()
-        if self.beta == 0.0:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
+        if self.phase == COMPRESSED:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
             output = self.compressor.compressed_forward(x, params, self.bias)
             return keep_in_graph(output, [self.weight] if self.training else [])
-        return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.beta)
+        return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.vcon_beta)
 
     # ---------------------------------------------------------------- the unit's tensors, for the exports
     def state_keys(self, name: str) -> tuple[str, dict[str, str]]:
