@@ -5,12 +5,14 @@ block-wise VCON, the mixin on a plain Trainer, and the errors."""
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Trainer, TrainingArguments
 
 from conftest import TinyTextDataset, build, tiny_bert, tiny_llama
@@ -29,6 +31,7 @@ from hf_vcon import (
     cache_teacher_logits,
     kd_loss,
 )
+from hf_vcon.distill import losses as losses_module
 from hf_vcon.distill.losses import distill_mask, hidden_state_loss
 
 
@@ -72,6 +75,93 @@ def test_kd_loss_with_classes_the_teacher_rules_out_is_finite_and_has_finite_gra
     expected = reference_kd(student.detach().numpy(), np.where(np.isinf(teacher.numpy()), -1e30, teacher.numpy()), 2.0)
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 50), (130, 7), (1, 1, 9)], ids=["tokens", "examples", "one-item"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_loss_in_chunks_equals_the_float64_computation_value_and_gradient(shape, temperature):
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(shape, generator=generator) * 3, torch.randn(shape, generator=generator) * 3
+    mask = torch.rand(shape[:-1], generator=generator) > 0.3
+    mask.view(-1)[0] = True
+    weights = torch.rand(shape[:-1], generator=generator)  # a gradient that differs per item
+
+    def loss_and_grad(dtype):
+        leaf = student.clone().to(dtype).requires_grad_()
+        per_item = kd_loss(leaf, teacher.to(dtype), temperature, mask, reduction="none")
+        value = kd_loss(leaf, teacher.to(dtype), temperature, mask)
+        ((per_item * weights.to(per_item.dtype)).sum() + value).backward()
+        return per_item.detach().double(), value.detach().double(), leaf.grad.double()
+
+    if mask.numel() > 8:  # many chunks: the slices of one chunk must not leak into another
+        assert len(losses_module._chunks(mask.numel(), shape[-1])) > 1
+    per_item, value, grad = loss_and_grad(torch.float32)
+    log_t = F.log_softmax(teacher.double() / temperature, -1)
+    leaf = student.double().requires_grad_()
+    expected = (log_t.exp() * (log_t - F.log_softmax(leaf / temperature, -1))).sum(-1) * temperature**2
+    expected = torch.where(mask, expected, 0.0)
+    ((expected * weights.double()).sum() + expected.sum() / mask.sum()).backward()
+    torch.testing.assert_close(per_item, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value, expected.detach().sum() / mask.sum(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, leaf.grad, atol=1e-5, rtol=1e-5)
+    bf16_grad = loss_and_grad(torch.bfloat16)[2]
+    assert torch.isfinite(bf16_grad).all() and (bf16_grad - leaf.grad).abs().max() < 0.05 * leaf.grad.abs().max() + 1e-3
+
+
+def test_kd_loss_keeps_gradients_for_a_teacher_that_trains():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 6, generator=generator).requires_grad_()
+    teacher = torch.randn(4, 6, generator=generator).requires_grad_()
+    kd_loss(student, teacher, 2.0).backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the tensor storages that ops allocate while active (CPU included), and their peak; storages of
+    ``known`` tensors (inputs that exist anyway) are not counted."""
+
+    def __init__(self, *known: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = {tensor.untyped_storage()._cdata for tensor in known}
+
+    def _free(self, key, size):
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self.seen:
+                    self.seen.add(storage._cdata)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+
+def test_kd_loss_peak_memory_is_at_most_two_logits_tensors_beyond_the_task_loss():
+    batch, tokens, vocab = 4, 64, 2048
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, tokens, vocab, generator=generator)
+    teacher = torch.randn(batch, tokens, vocab, generator=generator)
+    labels = torch.randint(0, vocab, (batch, tokens), generator=generator)
+    one_tensor = logits.numel() * 4
+
+    def peak(distill: bool) -> int:
+        student = logits.clone().requires_grad_()
+        with PeakMemory(student, teacher, labels) as memory:
+            loss = F.cross_entropy(student.view(-1, vocab), labels.view(-1))
+            if distill:
+                loss = 0.5 * loss + 0.5 * kd_loss(student, teacher, 2.0)
+            loss.backward()
+        return memory.peak
+
+    task, both = peak(False), peak(True)
+    assert task >= 2 * one_tensor  # the tracker sees the task loss's own logits-sized tensors
+    assert both - task <= 2 * one_tensor, (both - task) / one_tensor
 
 
 def test_distill_mask_shifts_for_causal_language_models():
