@@ -4,6 +4,7 @@ block-wise VCON, the mixin on a plain Trainer, and the errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import weakref
 
@@ -26,6 +27,7 @@ from hf_vcon import (
     VConError,
     VConLinear,
     VConTrainer,
+    VConWarning,
     add_teacher_index,
     apply_vcon,
     cache_teacher_logits,
@@ -555,3 +557,76 @@ def test_evaluation_reports_the_task_loss(tmp_path):
     plain = vcon_trainer(tmp_path / "plain", config=VConConfig(method="binary", transition_steps=0))
     evaluation = TinyTextDataset(8, seed=1)
     assert trainer.evaluate(evaluation)["eval_loss"] == plain.evaluate(evaluation)["eval_loss"]
+
+
+# ------------------------------------------------------------------------------ a teacher of another vocabulary
+def word_tokenizer(size: int):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocabulary = {f"w{i}": i for i in range(size)}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w0")),
+                                                unk_token="w0", pad_token="w0")
+
+
+def padded_copy(student, rows: int):
+    """The student with its vocabulary padded to ``rows`` (extra embedding and head rows that no token uses)."""
+    teacher = copy.deepcopy(student)
+    teacher.resize_token_embeddings(rows)
+    return teacher
+
+
+class CausalText(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = TinyTextDataset(8).input_ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def distilling_llama(output_dir, teacher, tokenizer=None, **overrides):
+    torch.manual_seed(0)
+    return VConTrainer(model=tiny_llama(), args=args_for(output_dir, max_steps=2, **overrides),
+                       vcon_config=VConConfig(method="prune", sparsity=0.5, transition_steps=3),
+                       train_dataset=CausalText(), processing_class=tokenizer,
+                       distillation=DistillationConfig(alpha=1.0, teacher=teacher))
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_when_the_trainer_is_built(tmp_path):
+    torch.manual_seed(0)
+    padded = padded_copy(tiny_llama(), 128)
+    with pytest.raises(VConError, match=r"its vocabulary of 128 rows, the student's 99\. A teacher whose vocabulary "
+                                        r"is the student's padded .*processing_class"):
+        distilling_llama(tmp_path, padded)
+    with pytest.raises(VConError, match=r"this one has 120 tokens, more than 99"):
+        distilling_llama(tmp_path, padded, word_tokenizer(120))
+    other_labels = tiny_bert()
+    other_labels.config.num_labels = 5
+    other_labels = type(other_labels)(other_labels.config)
+    with pytest.raises(VConError, match=r"its 5 labels, the student's 3\. The teacher needs the student's head"):
+        vcon_trainer(tmp_path, DistillationConfig(alpha=0.5, teacher=other_labels))
+
+
+def test_a_padded_teacher_distils_over_the_shared_rows(tmp_path):
+    torch.manual_seed(0)
+    student = tiny_llama()
+    trainer = distilling_llama(tmp_path, padded_copy(student, 128), word_tokenizer(99))  # the same student again
+    assert torch.equal(trainer.teacher.lm_head.weight[:99], trainer.model.lm_head.weight)
+    trainer.train()
+    kd = [entry["distill/kd_loss"] for entry in trainer.state.log_history if "distill/kd_loss" in entry]
+    assert abs(kd[0]) < 1e-6 and kd[-1] > 1e-6  # β = 1 at step 0: over the shared rows the student is the teacher
+
+
+def test_tokenizers_named_differently_are_warned_about(tmp_path):
+    torch.manual_seed(0)
+    teacher = tiny_llama()
+    teacher.config.tokenizer_class = "GPT2TokenizerFast"
+    student = tiny_llama()
+    student.config.tokenizer_class = "LlamaTokenizerFast"
+    with pytest.warns(VConWarning, match="The student's config names tokenizer .*the teacher's 'GPT2TokenizerFast'"):
+        VConTrainer(model=student, args=args_for(tmp_path, max_steps=1), train_dataset=CausalText(),
+                    vcon_config=VConConfig(method="prune", sparsity=0.5, transition_steps=3),
+                    distillation=DistillationConfig(alpha=1.0, teacher=teacher))
