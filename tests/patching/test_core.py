@@ -15,7 +15,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from conftest import METHOD_CASES, SETTING_CASES, SOLO_SETTING_CASES, build, logits, merged_shapes, tiny_bert, vcon_config
+from conftest import (FLOAT32, METHOD_CASES, SETTING_CASES, SOLO_SETTING_CASES, build, logits, merged_shapes, tiny_bert,
+                      vcon_config)
 from hf_vcon import (
     VConConfig,
     VConError,
@@ -354,8 +355,8 @@ def test_an_untied_head_compresses_alone_in_every_export(tmp_path):
     save_merged(model, str(tmp_path / "dense"), format="dense")
     save_merged(model, str(tmp_path / "ct"), format="compressed-tensors")
     save_compressed(model, str(tmp_path / "compact"))
-    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")),
-                   transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")),
+    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), **FLOAT32),
+                   transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), **FLOAT32),
                    load_compressed(str(tmp_path / "compact"))):
         assert torch.equal(loaded.model.embed_tokens.weight, embeddings)
         with torch.no_grad():
