@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -193,7 +194,8 @@ def _save_verified_compressed_tensors(model: nn.Module, state, output_dir: str, 
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".hf_vcon-") as folder:
         export_ct.save_compressed_tensors(model, state, folder, source, merged, **save_kwargs)
-        problem = load_problem(export_ct.architecture_class(model), folder, merged)
+        with export_ct.one_process():  # only this process saves: the others are not there to join a collective
+            problem = load_problem(export_ct.architecture_class(model), folder, merged)
         if problem is None:
             os.makedirs(output_dir, exist_ok=True)
             for file in os.listdir(folder):
@@ -244,11 +246,11 @@ def stored_sizes(output_dir: str, layer_names: list[str], model: Optional[nn.Mod
 def checkpoint_names(model: nn.Module, layer_names: list[str]) -> list[str]:
     """The names transformers 5's ``save_pretrained`` stores the weights of ``layer_names`` under where it reverts the
     model's weight conversions (renamed modules, fused experts split per expert); ``layer_names`` where it does not."""
+    inner = unwrap_model(model)
     try:
         from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4.x saves the model's own names
-        return list(layer_names)
-    inner = unwrap_model(model)
+    except ImportError:  # transformers 4.x: only vision-language models are saved under other names
+        return [_legacy_name(inner, name) for name in layer_names]
     layers = _layers_by_name(inner)
     # Shapes without data: the conversions split and rename tensors, they never read them.
     probe = {layers[name].merged_key(name): torch.empty(tuple(layers[name].weight.shape), device="meta")
@@ -258,6 +260,17 @@ def checkpoint_names(model: nn.Module, layer_names: list[str]) -> list[str]:
     except Exception:  # a conversion that needs tensors beside the targeted ones: the model's own names
         return list(layer_names)
     return [key.removesuffix(".weight") for key in reverted]
+
+
+def _legacy_name(model: nn.Module, name: str) -> str:
+    """``name`` as transformers 4.x saves it: its ``_checkpoint_conversion_mapping`` reversed, the first pattern
+    that matches applied (as its ``save_pretrained`` does)."""
+    for pattern, replacement in {value: key for key, value in
+                                 (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items()}.items():
+        renamed, count = re.subn(pattern, re.sub(r"\(.*\)", "", replacement.lstrip("^")), name)
+        if count:
+            return renamed
+    return name
 
 
 def _layers_by_name(model: nn.Module) -> dict[str, nn.Module]:
