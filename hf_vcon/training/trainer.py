@@ -103,7 +103,9 @@ class VConTrainer(DistillationMixin, Trainer):
 
     @property
     def export_format(self) -> str:
-        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved)."""
+        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved when the
+        trainer is built; after ``save_model()``, what the folder holds: ``"auto"`` falls back to dense where the
+        compressed-tensors folder would not load back)."""
         return self.vcon_callback.export_format
 
     def _prepare_distribution(self) -> None:
