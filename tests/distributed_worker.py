@@ -9,8 +9,8 @@ DeepSpeed ZeRO-3) or in one process, with a transition that ends inside the run.
 - per training forward of every VCON layer: the optimizer step, β, the shape of the latent weight W the layer
   saw inside its forward (the full shape, never a shard) and a digest of the compressed weight C it computed
   from it (so masks, scales and low-rank factors can be compared across ranks bit for bit);
-- ``writes``: every file this rank opened for writing under the run's folder, in order (a Python audit hook plus
-  the safetensors writer, which writes from Rust).
+- ``writes``: every file this rank opened for writing (or moved into place) under the run's folder, in order (a
+  Python audit hook plus the safetensors writer, which writes from Rust).
 
 The merged model lands in ``<output>/<method>`` (``trainer.save_model()``), a mid-run checkpoint in
 ``<output>/<method>/checkpoint-<n>``.
@@ -97,6 +97,9 @@ class WriteAudit:
             self.paths.append(os.path.relpath(real, self.root))
 
     def _hook(self, event, args):
+        if event in ("os.rename", "os.replace") and self.active:  # a file moved into place is written there
+            self._note(args[1])
+            return
         if event != "open" or not self.active:
             return
         path, mode, flags = args
