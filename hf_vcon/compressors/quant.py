@@ -34,7 +34,8 @@ class QuantOptions(CompressorOptions):
     strategy: str = option(
         "channel", "one scale per tensor, per channel (output row), or per group of group_size inputs of a row")
     group_size: int = option(
-        DEFAULT_GROUP_SIZE, "inputs per scale with strategy group (must divide every targeted in_features)")
+        DEFAULT_GROUP_SIZE, "inputs per scale with strategy group; a layer whose in_features it does not divide is "
+        "an error when targeted by name, and stays dense with a warning under target_modules='all-linear'")
     clip_search: bool = option(
         False, "choose each scale's clipping range (0.5 to 1 of max|W|) by least squared error instead of absmax")
 

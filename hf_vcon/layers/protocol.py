@@ -206,6 +206,11 @@ class VConUnit(HoldsBeta):
         """W in Linear orientation, ``(out, in)`` or ``(experts, out, in)``."""
         raise NotImplementedError
 
+    def fetched_with(self) -> nn.Module:
+        """The module whose forward reads W and this unit's ``vcon_*`` tensors together: a sharding engine that
+        gathers a module's parameters for its forward (DeepSpeed ZeRO-3) must gather this one whole."""
+        return self
+
     @property
     def num_slices(self) -> int:
         return self.latent_weight().shape[0] if self.stacked else 1

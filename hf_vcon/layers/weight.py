@@ -134,6 +134,10 @@ class VConWeight(VConUnit):
         return self._stored(weight).contiguous()
 
     # -------------------------------------------------------------------------------------- lifecycle
+    def fetched_with(self) -> nn.Module:
+        """The owner: its forward reads the parametrized weight, so W and this unit's tensors are fetched with it."""
+        return self.owner
+
     def attach_to(self, model: nn.Module, name: str) -> None:
         """Parametrize the owner's parameter, cached over each forward of the owner (indexing it per expert reads
         it many times)."""

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..config.schedules import warn_if_transition_outlasts_run
 from ..config.vcon_config import VConConfig
 from ..errors import VConError, VConWarning
-from ..export.merged import AUTO, check_export_format, resolve_export_format
+from ..export.merged import AUTO, check_export_format, resolve_export_format, written_format
 from ..export.run import export_run, write_checkpoint_config
 from ..patching.distributed import gathered_for_reading, prepare_zero3
 from ..patching.state import get_vcon_state
@@ -68,6 +68,7 @@ class VConCallback(TrainerCallback):
         check_export_format(export_format)
         self.export_at_train_end = export_at_train_end
         self.export_format = export_format
+        self.requested_format = export_format  # what save_model writes under: "auto" may still fall back to dense
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
         self._summary_version: Optional[int] = None
@@ -92,7 +93,7 @@ class VConCallback(TrainerCallback):
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
         # An impossible format (a missing package, GPT-2's Conv1D) is an error now, not after training.
-        self.export_format = resolve_export_format(inner, self.export_format)
+        self.export_format = resolve_export_format(inner, self.requested_format)
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
@@ -174,7 +175,8 @@ class VConCallback(TrainerCallback):
             )
             return
         export_run(self.model, args.output_dir, training_args=args, trainer_state=state,
-                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.export_format)
+                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.requested_format)
+        self.export_format = written_format(args.output_dir)
 
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:
