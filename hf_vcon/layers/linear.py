@@ -98,7 +98,7 @@ class VConLinear(VConUnit):
             # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
             # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
             flat = StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
-                                               self.compression_state(), self.compressor, self.blend_weight(),
+                                               self.unit_state(), self.compressor, self.blend_weight(),
                                                self.kept_only)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()

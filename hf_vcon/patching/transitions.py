@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config.schedules import gmp_sparsity, holder_betas
+from ..layers.protocol import DENSE, refresh_states
 from .state import VConState
 
 
@@ -82,4 +83,12 @@ def set_state_step(state: VConState, step: int, max_steps: Optional[int] = None)
     transition_of(state).step(state, step, state.config.resolve_transition_steps(max_steps))
     for layer in state.layers:
         layer.optimizer_step = step
+    refresh_states(running_layers(state))
     return state.beta
+
+
+def running_layers(state: VConState) -> list:
+    """The compressed layers whose forward runs now: block-wise, those of the blocks that are not dense."""
+    if not state.granularity.wraps_blocks:
+        return state.layers
+    return [layer for block in state.blocks if block.phase != DENSE for layer in block.compressed_layers()]
