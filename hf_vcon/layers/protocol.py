@@ -315,6 +315,19 @@ class VConUnit(HoldsBeta):
             return None
         return weight, frozen, key
 
+    def frozen_state(self) -> Optional[tuple[int, Any]]:
+        """``(window, state)``: the state held for the ``recompute_every`` window in force (computed from W at the
+        window's first step), to be saved with a checkpoint; ``None`` when no state is held for several steps."""
+        if self._states is None or self._state_key is None or self._state_key[0] != "every":
+            return None
+        return self._state_key[1], self._states
+
+    def restore_frozen_state(self, window: int, state: Any) -> None:
+        """Hold ``state`` for ``window`` (from :meth:`frozen_state` of the run being resumed): the steps left in that
+        window then use the state the uninterrupted run used, not one computed from the resumed W."""
+        weight = self.latent_weight()
+        self._set_state(state, ("every", window, weight.data_ptr(), id(self.compressor)))
+
     def compression_states(self, weight: Optional[torch.Tensor] = None) -> list:
         """What C(W) needs besides W, one entry per slice (prune: the keep-mask; binary: the scale), cached under
         :meth:`state_cache_key`."""

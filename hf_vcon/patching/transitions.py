@@ -37,7 +37,8 @@ class Blend(Transition):
         betas = holder_betas(step, transition_steps, len(state.holders), config.start_step, config.schedule,
                              config.stagger)
         for holder, beta in zip(state.holders, betas):
-            holder.set_beta(beta)
+            if holder.beta != beta:  # once the transition is over, nothing changes: no work per layer
+                holder.set_beta(beta)
 
 
 class Gradual(Transition):
@@ -47,7 +48,8 @@ class Gradual(Transition):
 
     def step(self, state, step, transition_steps):
         for holder in state.holders:
-            holder.set_beta(0.0)
+            if holder.beta != 0.0:
+                holder.set_beta(0.0)
         ramped = {}
         for layer, setting in zip(state.layers, state.settings):
             current = layer.compressor
