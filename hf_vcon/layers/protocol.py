@@ -21,6 +21,14 @@ from ..errors import VConError
 DENSE, BLENDING, COMPRESSED = "dense", "blending", "compressed"
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (``torch.compiler.is_compiling`` from torch 2.3 on)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        from torch._dynamo import is_compiling as check
+    return check()
+
+
 def phase_of(beta: float) -> str:
     """The phase a β puts a holder in: ``"dense"`` (β = 1: f alone), ``"compressed"`` (β = 0: g alone) or
     ``"blending"``."""
@@ -61,7 +69,7 @@ class HoldsBeta(nn.Module):
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         beta = self._buffers.get("vcon_beta")
-        if beta is not None and beta.dtype != torch.float32:  # model.half() / .to(bfloat16): β keeps its precision
+        if beta is not None:  # model.half(), .to(bfloat16), .to_empty(): β keeps its precision and its value
             self._buffers["vcon_beta"] = torch.full((), self._beta, dtype=torch.float32, device=beta.device)
         return result
 
@@ -116,7 +124,7 @@ class StraightThroughLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, latent, bias, state, compressor, beta: float, kept_only: bool):
         ctx.compressor, ctx.beta, ctx.kept_only, ctx.has_bias = compressor, beta, kept_only, bias is not None
-        ctx.state = state  # a cut, mask or scale computed without autograd: neither an input nor an output
+        ctx.state = state  # a mask or scale computed without autograd: neither an input nor an output
         ctx.x_dtype = x.dtype
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
@@ -280,7 +288,7 @@ class VConUnit(HoldsBeta):
         batched across layers), so the forward finds it ready. Under ``torch.compile`` the forward reads the cache
         without checking its key (nothing of the check is traceable), which :func:`~hf_vcon.set_step` keeps fresh.
         """
-        if torch.compiler.is_compiling() and self._states is not None and self._driven:
+        if _compiling() and self._states is not None and self._driven:
             return self._states
         weight = self.latent_weight() if weight is None else weight
         frozen, key = self.state_cache_key(weight)

@@ -129,3 +129,22 @@ def test_fused_experts_are_compressed_in_one_call():
     assert experts and [shape for shape in calls if len(shape) == 3] == [tuple(layer.latent_weight().shape)
                                                                         for layer in experts]
 
+
+
+@pytest.mark.parametrize("kind", ["linear", "weight"])
+def test_beta_is_a_float32_buffer_updated_in_place_with_a_phase(kind):
+    """β lives in a 0-d float32 buffer that keeps its identity from step to step (a compiled graph reads it), its
+    precision when the model is cast, and stays out of the state dict; the phase changes at β = 1 and β = 0 only."""
+    unit = _unit(kind, compressor_class("binary")(compressor_class("binary").Options()))
+    buffer = unit.vcon_beta
+    assert (unit.phase, unit.beta, buffer.dtype) == ("dense", 1.0, torch.float32)
+    phases = []
+    for beta in (0.9, 0.7, 0.3, 0.0):
+        unit.set_beta(beta)
+        phases.append(unit.phase)
+        assert unit.vcon_beta is buffer and buffer.item() == torch.tensor(beta).item() and unit.beta == beta
+    assert phases == ["blending", "blending", "blending", "compressed"]
+    unit.set_beta(0.7)
+    unit.to(torch.bfloat16)
+    assert unit.vcon_beta.dtype == torch.float32 and unit.vcon_beta.item() == torch.tensor(0.7).item()
+    assert not any(key.endswith("vcon_beta") for key in unit.state_dict())
