@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -54,6 +54,9 @@ class QuantOptions(CompressorOptions):
     scheme: Optional[str] = option(
         None, "a compressed-tensors preset name (W4A16, W8A8, FP8_DYNAMIC, NVFP4A16, MXFP4A16, …) setting format, "
         "bits, strategy, group_size and activations as the library defines them (int presets: group_size may differ)")
+
+    # A module override naming a scheme starts from the defaults, not from the base setting's resolved options.
+    defining_options: ClassVar[tuple[str, ...]] = ("scheme",)
 
     def validate(self) -> None:
         check_choice("format", self.format, formats.FORMATS)
