@@ -178,7 +178,7 @@ def stored_sizes(output_dir: str, layer_names: list[str]) -> tuple[int, int]:
     safetensors files of ``output_dir`` (read from their headers)."""
     from safetensors import safe_open
 
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
     names, prefixes = set(layer_names), tuple(f"{name}." for name in layer_names)  # a module, or a weight (experts)
     targeted = total = 0
     for file in sorted(os.listdir(output_dir)):
