@@ -1,5 +1,5 @@
 #!/bin/bash
-# The accuracy study quoted in the README, exactly as it ran (CPU, offline; each process single-threaded).
+# The accuracy study whose tables docs/benchmarks/accuracy.md quotes, exactly as it ran (CPU, offline; each process single-threaded).
 # Vision: ~7 s per 100-step arm; text: ~4-5 min per 300-step arm. Runs already in --out are skipped, so an
 # interrupted study resumes; `--report_only` redraws tables and pictures from results.jsonl.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The distillation study quoted in the README, exactly as it ran (CPU, offline; each process single-threaded).
+# The distillation study whose tables docs/benchmarks/accuracy.md quotes, exactly as it ran (CPU, offline; each process single-threaded).
 # Every arm of a task starts from the same dense model, which is also the teacher; its logits on the training set
 # are cached once per task (teacher_logits_<task>.safetensors) and read by every distilled arm and seed. Post-shot
 # and VCON run again here, with the same code as the distilled arms, so that every gain is paired within this study.

@@ -11,6 +11,7 @@ setting must say so at ``apply_vcon`` (never a silent wrong result): the expecte
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -29,6 +30,7 @@ from hf_vcon import (
     load_compressed,
     merge_and_unload,
     save_compressed,
+    save_merged,
     set_beta,
     vcon_summary,
 )
@@ -235,3 +237,39 @@ def test_bf16_autocast_step_keeping_the_16_bit_weight_equals_rebuilding_it(case,
     assert torch.equal(kept_loss, rebuilt_loss) and kept.keys() == rebuilt.keys() and kept
     for name, grad in kept.items():
         assert torch.equal(grad, rebuilt[name]), name
+
+
+# ------------------------------------------------------------------------------- quant: the exports that load
+QUANT = dict(method="quant", bits=4, strategy="group", group_size=16)
+# Why a model type's compressed-tensors folder is refused before writing (then it is saved dense, saying so).
+CT_REFUSED = ("Conv1D modules (GPT-2 style)", "no compressed layer has integer weights")
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_quantized_model_saves_a_folder_that_loads_to_the_merged_model(case, tmp_path):
+    """``save_merged`` under ``"auto"``: the written folder loads with plain transformers to the merged model's
+    outputs, in compressed-tensors where that folder loads back, dense with a warning saying why otherwise."""
+    if not available(case):
+        pytest.skip(f"{case.model_class} is not in transformers {transformers.__version__}")
+    if case.name in NOTHING_TO_COMPRESS:
+        pytest.skip("no Linear that all-linear may compress")
+    pytest.importorskip("compressed_tensors")
+    original = case.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VConWarning)  # layers group_size does not divide stay dense, saying so
+        model = apply_vcon(copy.deepcopy(original), VConConfig(transition_steps=0, **QUANT))
+    set_beta(model, 0.0)
+    inputs = case.inputs()
+    expected = output(merge_and_unload(copy.deepcopy(model)), case, inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_merged(model, tmp_path)
+    reloaded = getattr(transformers, case.reload_class).from_pretrained(tmp_path).eval()
+    assert_same(output(reloaded, case, inputs), expected, "quantized folder reloaded")
+    config = json.loads((tmp_path / "config.json").read_text())
+    if "quantization_config" not in config:
+        said = [str(w.message) for w in caught if issubclass(w.category, VConWarning)
+                and str(w.message).startswith("Saving the merged model dense: ")]
+        assert said, f"{case.key} was saved dense without saying why"
+        assert any("does not load back" in message or any(reason in message for reason in CT_REFUSED)
+                   for message in said), said

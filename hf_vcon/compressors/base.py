@@ -40,6 +40,28 @@ from .packing import check_packed
 
 INTEGER_STRATEGIES = ("channel", "group", "tensor")
 
+Beta = Union[float, torch.Tensor]  # β as a layer passes it: the float 0.0 once compressed, else a 0-d float32 tensor
+
+
+def beta_is_zero(beta: Beta) -> bool:
+    """True for the float 0.0 a layer passes once it is compressed (β = 0); a tensor β (blending) is never read, so
+    that asking costs no host–device synchronisation."""
+    return not isinstance(beta, torch.Tensor) and beta == 0.0
+
+
+def lerp(start: torch.Tensor, end: torch.Tensor, weight: Beta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.lerp(start, end, weight)`` for a weight that may be a 0-d float32 tensor, into ``out`` if given.
+
+    For 16-bit tensors ``torch.lerp`` would round a tensor weight to 16 bits first; this computes in float32 and
+    rounds once, as ``torch.lerp`` does with a Python weight, so a tensor β gives the result a float β gives.
+    """
+    if isinstance(weight, torch.Tensor) and start.dtype not in (torch.float32, torch.float64):
+        result = torch.lerp(start.float(), end.float(), weight).to(start.dtype)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        return torch.lerp(start, end, weight)
+    return out.lerp_(end, weight) if out is start else torch.lerp(start, end, weight, out=out)
+
 
 @dataclass(frozen=True)
 class IntegerScheme:
@@ -274,7 +296,22 @@ class WeightCompressor(Compressor):
     Subclasses implement :meth:`compress`, the definition of C. For speed they may override
     :meth:`compression_state` (what C needs besides W, small and cached by the layer for an optimizer step) with
     :meth:`blend` (β·W + (1−β)·C from W and that state, in few passes); the defaults keep C itself as the state.
+
+    On a GPU the host runs ahead of the device; a training step stays fast when nothing in it reads a device value
+    into Python (``float(t)``, ``.item()``, ``torch.equal``, ``if tensor:``) or makes a tensor whose size depends on
+    the data (``nonzero``, a boolean-mask gather). The layers compute :meth:`compression_state` once per optimizer
+    step, outside the forward, and read it in forward and backward; a compression whose state and blend avoid those
+    operations keeps the whole step free of host–device synchronisation (``tests/training/test_sync_free.py``
+    checks every registered compression). A compression that reads values still computes the right C, only slower.
+
+    Leading dimensions: a compression that sets :attr:`accepts_leading_dims` takes W ``(..., out, in)`` in
+    :meth:`compression_state`, :meth:`blend` and :meth:`kept_mask`, each leading index compressed on its own (the
+    experts of a fused ``(experts, out, in)`` weight), and returns states with the same leading dimensions, indexable
+    by them (a tensor, or a tuple of tensors); the layers then compress a fused weight in one call instead of one per
+    expert. The default (``False``) gets one 2-D weight per call, as before.
     """
+
+    accepts_leading_dims: ClassVar[bool] = False
 
     trains_straight_through = True
     recomputes_from_weight = True
@@ -293,19 +330,25 @@ class WeightCompressor(Compressor):
         """What C needs besides W, computed without autograd; must not mutate W.
 
         ``memo`` is a dict the layer keeps across optimizer steps, for hints that make the next computation cheaper
-        (never for the result). ``frozen=True`` means the state will be reused for several optimizer steps while W
+        (never for the result; a hint read back into Python costs a synchronisation). ``frozen=True`` means the state will be reused for several optimizer steps while W
         moves (``recompute_every > 1``): it must then fix *what* C keeps (a kept set, a scale), not a rule that
         re-selects on the moving W. The default is C itself: correct for any compression, but a full copy of W.
         """
         return self.compress(weight)
 
-    def blend(self, weight: torch.Tensor, state: Any, beta: float) -> torch.Tensor:
+    def blend(self, weight: torch.Tensor, state: Any, beta: Beta) -> torch.Tensor:
         """β·W + (1−β)·C ``(out, in)`` from W and :meth:`compression_state`; no autograd, nothing mutated.
+
+        ``beta`` is the float ``0.0`` once the layer is compressed, and while it blends a 0-d float32 tensor on W's
+        device, updated in place from one optimizer step to the next (so that a compiled graph is not specialised
+        on its value): test it with :func:`beta_is_zero`, never with ``beta == 0`` (reading the tensor's value
+        synchronises), and use it as a tensor (:func:`lerp`, ``torch.where``, a product). A float β in (0, 1] is
+        still accepted (direct calls).
 
         Layers call this in forward and again in backward instead of saving the result, so it should allocate as
         few full-size temporaries as possible (the result itself, ideally).
         """
-        return torch.lerp(weight, state, 1.0 - beta)
+        return lerp(state, weight, beta)
 
     def kept_mask(self, weight: torch.Tensor, state: Any) -> torch.Tensor:
         """The boolean ``(out, in)`` mask of the weights C keeps, for transitions that train only those
@@ -339,6 +382,7 @@ class FactorCompressor(Compressor):
         return F.linear(x, self.compose(params), bias)
 
     def blended_forward(self, x: torch.Tensor, weight: torch.Tensor, params: dict[str, torch.Tensor],
-                        bias: Optional[torch.Tensor], beta: float) -> torch.Tensor:
-        """β·f(x) + (1−β)·g(x), differentiable in W and params; override with a cheaper equivalent form."""
-        return F.linear(x, torch.lerp(weight, self.compose(params), 1.0 - beta), bias)
+                        bias: Optional[torch.Tensor], beta: Beta) -> torch.Tensor:
+        """β·f(x) + (1−β)·g(x), differentiable in W and params; override with a cheaper equivalent form. ``beta``
+        is a 0-d float32 tensor while the layer blends (see :meth:`WeightCompressor.blend`)."""
+        return F.linear(x, torch.lerp(self.compose(params), weight, beta), bias)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor
+from .base import CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor, beta_is_zero
 from .options import CompressorOptions, check_choice, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from .registry import register_compressor
@@ -32,14 +32,17 @@ class Binarizer(WeightCompressor):
 
     Options = BinaryOptions
     example_options = ({}, {"binary_scale": "channel"})
+    accepts_leading_dims = True
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """α: a 0-d tensor, or ``(out, 1)`` for per-channel scales. |W| summed: on CPU twice as fast as
-        ``vector_norm(ord=1)``, for one transient |W| the size of this layer's weight."""
+        """α: ``(..., 1, 1)`` per tensor (a 0-d tensor for a 2-D W), or ``(..., out, 1)`` for per-channel scales. |W|
+        summed: on CPU twice as fast as ``vector_norm(ord=1)``, for one transient |W| the size of this weight."""
         weight = weight.detach()
         if self.options.binary_scale == "channel":
-            return weight.abs().sum(dim=1, keepdim=True) / weight.shape[1]
-        return weight.abs().sum() / weight.numel()
+            return weight.abs().sum(dim=-1, keepdim=True) / weight.shape[-1]
+        if weight.dim() == 2:
+            return weight.abs().sum() / weight.numel()
+        return weight.abs().sum(dim=(-2, -1), keepdim=True) / (weight.shape[-2] * weight.shape[-1])
 
     def compress(self, weight):
         return torch.sign(weight) * self.scale(weight)
@@ -49,8 +52,10 @@ class Binarizer(WeightCompressor):
 
     def blend(self, weight, state, beta):
         # β·W + (1−β)·α·sign(W) with a single full-size allocation
+        if beta_is_zero(beta):
+            return torch.sign(weight).mul_(state)
         blended = torch.sign(weight).mul_(state * (1.0 - beta))
-        return blended.add_(weight, alpha=beta) if beta else blended
+        return blended.addcmul_(weight, beta) if isinstance(beta, torch.Tensor) else blended.add_(weight, alpha=beta)
 
     def integer_scheme(self):
         # ±α as 2-bit symmetric integers (codes −1, 0, +1 of the range [−2, 1]): 1-bit symmetric codes are {−1, 0}

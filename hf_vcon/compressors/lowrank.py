@@ -149,11 +149,12 @@ class LowRankFactorizer(FactorCompressor):
         out_features, in_features = weight.shape
         tokens = x.numel() // in_features
         if out_features * in_features <= tokens * (out_features + in_features):
-            # Weight space: building B·A (out·in·r multiply-adds) is cheaper than B(Ax) (tokens·r·(out+in)).
-            # addmm gives β·W + (1−β)·B·A in one full-size allocation.
-            return F.linear(x, torch.addmm(weight, params["B"], params["A"], beta=beta, alpha=1.0 - beta), bias)
+            # Weight space: building B·A (out·in·r multiply-adds) is cheaper than B(Ax) (tokens·r·(out+in)); C + β·(W − C)
+            # then in place, one full-size allocation (under autocast B·A is 16-bit, and so is the blend).
+            compressed = params["B"] @ params["A"]
+            return F.linear(x, compressed.lerp_(weight.to(compressed.dtype), beta), bias)
         # Activation space: few tokens, the two thin matmuls are cheaper than building B·A.
-        return torch.lerp(F.linear(x, weight, bias), self.compressed_forward(x, params, bias), 1.0 - beta)
+        return torch.lerp(self.compressed_forward(x, params, bias), F.linear(x, weight, bias), beta)
 
     def setting(self) -> str:
         if self.options.rank is not None:

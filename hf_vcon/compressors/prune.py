@@ -4,12 +4,10 @@ The mask is recomputed from the latent W once per optimizer step (pruned weights
 broken by position (the earlier index wins), so every rank and every rerun gets the same mask. It is found by a
 selection (``kthvalue``, linear time) rather than a sort; a tie straddling the cut is resolved by position.
 
-During training (per-layer pattern) the cut moves little from one optimizer step to the next, so the selection
-runs only on the weights near the previous cut (:func:`_keep_threshold_near`), with a full selection when the
-cut has left that band: the same mask, found ~5× faster. The training state is not a mask but a :class:`Cut`:
-the number λ with C = hardshrink(W, λ) (exactly the weights with |W| > λ), plus the few positions tied at the cut
-that the position rule prunes (ties at the cut are common in large fp32 layers). No full-size mask is stored and
-C is built in one fused pass.
+The training state is the boolean mask (one byte per weight), found once per optimizer step with device
+operations alone: the keep-th largest |W| of each group, the weights above it, and the tied weights whose running
+count along the group is within its budget. Nothing is read back to the host and no shape depends on the data, so a
+training step on a GPU never waits for it (the banded search of earlier versions read the cut back at every step).
 """
 
 from __future__ import annotations
@@ -17,13 +15,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UnsupportedLayerError
-from .base import CompressionStats, WeightCompressor
+from .base import CompressionStats, WeightCompressor, beta_is_zero, lerp
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from .registry import register_compressor
@@ -81,7 +78,10 @@ class PruneOptions(CompressorOptions):
 def _keep_largest(scores: torch.Tensor, keep: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean mask keeping the ``keep`` largest entries along the last dim (ties: the earlier index wins).
 
-    ``threshold``, when known, is the keep-th largest entry of each row (shape ``(..., 1)``).
+    ``threshold``, when known, is the keep-th largest entry of each row (shape ``(..., 1)``). Device operations only:
+    the entries above the threshold, plus the tied entries whose running count along the row is within the row's
+    tie budget (``keep`` minus the entries above), so no value is read back to the host and no shape depends on the
+    data.
     """
     size = scores.shape[-1]
     if keep >= size:
@@ -91,91 +91,10 @@ def _keep_largest(scores: torch.Tensor, keep: int, threshold: Optional[torch.Ten
     if threshold is None:
         threshold = scores.kthvalue(size - keep + 1, dim=-1, keepdim=True).values  # the keep-th largest
     mask = scores > threshold
+    budget = keep - mask.sum(dim=-1, keepdim=True, dtype=torch.int32)  # how many tied entries are kept (>= 1)
     ties = scores == threshold
-    missing = keep - mask.sum(dim=-1, keepdim=True)  # how many entries equal to the threshold are kept (>= 1)
-    tie_counts = ties.sum(dim=-1, keepdim=True)
-    if torch.equal(tie_counts, missing):  # the usual case: no tie straddles the cut
-        return mask.logical_or_(ties)
-    return mask.logical_or_(ties & (ties.cumsum(dim=-1) <= missing))
-
-
-_BLOCK = 64  # weights per block when locating the band: few blocks hold a weight of the band
-
-
-def _keep_threshold_near(weight: torch.Tensor, keep: int, guess: float, width: float) -> Optional[tuple]:
-    """The keep-th largest |W| and how many |W| reach it, found among the |W| within ``guess ± width`` alone;
-    ``None`` when it lies outside that band.
-
-    Two thresholdings (``hardshrink``, one fused pass each, exact comparisons) split W into above the band, the band
-    and below it; the band's few weights are gathered from the blocks that hold one (a per-block reduction, not a
-    full-size boolean gather), so the value returned is one of the |W|, exactly. Only the multiset of |W| matters
-    here, so W is read in its storage order (no copy of a transposed Conv1D weight).
-    """
-    flat = _storage_order(weight)
-    band = F.hardshrink(flat, max(guess - width, 0.0))  # W where |W| > guess − width, else 0
-    above = F.hardshrink(band, guess + width)  # W where |W| > guess + width, else 0
-    band.sub_(above).abs_()  # |W| where guess − width < |W| ≤ guess + width, else 0
-    count_above = _count_nonzero(above)
-    del above
-    values = _positive_values(band)
-    rank = keep - count_above  # the keep-th largest overall is the rank-th largest of the band
-    if not 1 <= rank <= values.numel():
-        return None
-    value = values.kthvalue(values.numel() - rank + 1).values
-    return value, count_above + int(torch.count_nonzero(values >= value))
-
-
-def _storage_order(weight: torch.Tensor) -> torch.Tensor:
-    """W flattened without a copy where its storage allows (contiguous, or a transposed contiguous tensor)."""
-    if not weight.is_contiguous() and weight.dim() == 2 and weight.t().is_contiguous():
-        return weight.t().view(-1)
-    return weight.reshape(-1)
-
-
-def _count_nonzero(flat: torch.Tensor) -> int:
-    """The non-zeros of a flat float tensor, exactly, overwriting it. On CPU ``count_nonzero`` and comparisons are
-    several times slower than sign, abs and a sum. A float sum of ones is exact while the count stays below 2^24
-    (fp32; 256 in bf16, so 16-bit tensors are summed in fp32), beyond that blocks of 64 are summed first."""
-    if flat.device.type != "cpu":
-        return int(torch.count_nonzero(flat))
-    ones = flat.sign_().abs_()
-    if ones.numel() < 2**24:
-        return int(ones.sum(dtype=torch.float32))
-    whole = ones.numel() - ones.numel() % _BLOCK
-    count = ones[:whole].view(-1, _BLOCK).sum(dim=1).sum(dtype=torch.float64) + ones[whole:].sum(dtype=torch.float64)
-    return int(count)
-
-
-def _positive_values(flat: torch.Tensor) -> torch.Tensor:
-    """The positive entries of a flat non-negative tensor with few of them: only the blocks holding one are
-    gathered."""
-    whole = flat.numel() - flat.numel() % _BLOCK
-    blocks = flat[:whole].view(-1, _BLOCK)
-    candidates = blocks.index_select(0, blocks.amax(dim=1).nonzero().squeeze(1)).view(-1)
-    if whole < flat.numel():
-        candidates = torch.cat([candidates, flat[whole:]])
-    return candidates[candidates > 0]
-
-
-class Cut(NamedTuple):
-    """A per-layer pruning cut: C keeps the weights with |W| > ``lambd``, except the positions in ``dropped``
-    (``(rows, cols)``: weights tied at the cut that the position rule prunes). No full-size mask is stored, and
-    C is built in one fused pass (``hardshrink``)."""
-
-    lambd: float
-    dropped: Optional[tuple] = None
-
-    def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        pruned = F.hardshrink(weight, self.lambd)
-        if self.dropped is not None:
-            pruned[self.dropped] = 0.0
-        return pruned
-
-    def kept(self, weight: torch.Tensor) -> torch.Tensor:
-        kept = weight.abs() > self.lambd
-        if self.dropped is not None:
-            kept[self.dropped] = False
-        return kept
+    within_budget = ties.cumsum(dim=-1, dtype=torch.int32) <= budget
+    return mask.logical_or_(ties.logical_and_(within_budget))
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -188,6 +107,7 @@ class MagnitudePruner(WeightCompressor):
     """Unstructured (``"layer"``), per-row (``"row"``) or semi-structured (``"N:M"``) magnitude pruning: C = W ⊙ M."""
 
     Options = PruneOptions
+    accepts_leading_dims = True
     gradual_option = "sparsity"
     example_options = ({"sparsity": 0.5}, {"sparsity": 0.75, "prune_pattern": "row"}, {"prune_pattern": "2:4"})
 
@@ -210,17 +130,19 @@ class MagnitudePruner(WeightCompressor):
             )
 
     def _groups(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``tensor`` ``(out, in)`` viewed as the groups the pattern selects in, and how many each keeps."""
+        """``tensor`` ``(..., out, in)`` viewed as the groups the pattern selects in (along the last dimension), and
+        how many each keeps."""
         pattern, sparsity = self.options.prune_pattern, self.options.sparsity
+        lead, (out_features, in_features) = tensor.shape[:-2], tensor.shape[-2:]
         if pattern == "layer":
-            return tensor.reshape(1, -1), kept_count(tensor.numel(), sparsity)
+            return tensor.reshape(*lead, 1, out_features * in_features), kept_count(out_features * in_features, sparsity)
         if pattern == "row":
-            return tensor, kept_count(tensor.shape[1], sparsity)
+            return tensor, kept_count(in_features, sparsity)
         n, m = parse_n_m(pattern)
-        return tensor.reshape(tensor.shape[0], -1, m), n  # (out, in/M, M): M consecutive inputs per group
+        return tensor.reshape(*lead, out_features, in_features // m, m), n  # M consecutive inputs per group
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        """The boolean keep-mask M of W ``(out, in)``."""
+        """The boolean keep-mask M of W ``(..., out, in)`` (each leading index on its own)."""
         groups, keep = self._groups(weight.detach().abs())
         return _keep_largest(groups, keep).view(weight.shape)
 
@@ -228,46 +150,18 @@ class MagnitudePruner(WeightCompressor):
         return weight * self.mask(weight)
 
     def compression_state(self, weight, memo=None, *, frozen=False):
-        """A :class:`Cut` for a per-layer pattern, else the boolean mask; the mask too when ``frozen`` (the kept set,
-        not the cut, must hold while W moves). ``memo`` remembers the previous cut and how far it moved."""
-        if self.options.prune_pattern != "layer" or memo is None:
-            return self.mask(weight)
-        weight, keep = weight.detach(), kept_count(weight.numel(), self.options.sparsity)
-        if not 0 < keep < weight.numel():
-            return self.mask(weight)
-        value, reaching = self._find_cut(weight, keep, memo)
-        if frozen:
-            return _keep_largest(weight.abs().reshape(1, -1), keep, value.view(1, 1)).view(weight.shape)
-        lambd = float(torch.nextafter(value, value.new_zeros(()).fill_(-math.inf)))  # |W| > λ  ⟺  |W| ≥ value
-        if reaching == keep:
-            return Cut(lambd)
-        # a tie straddles the cut: the earliest tied positions are kept, the later ones pruned
-        tied = torch.nonzero(weight.abs() == value)  # (n, 2), in row-major order
-        return Cut(lambd, tied[keep - (reaching - tied.shape[0]):].unbind(1))
-
-    @staticmethod
-    def _find_cut(weight: torch.Tensor, keep: int, memo: dict) -> tuple:
-        """The keep-th largest |W| (a 0-d tensor) and how many |W| reach it; near the previous cut when it can."""
-        found = None
-        if "cut" in memo:
-            found = _keep_threshold_near(weight, keep, memo["cut"], memo["width"])
-        if found is None:  # first step, or the cut left the band: a full selection
-            scores = weight.abs().reshape(-1)
-            value = scores.kthvalue(scores.numel() - keep + 1).values
-            found = value, int(torch.count_nonzero(scores >= value))
-        cut = float(found[0])
-        moved = abs(cut - memo["cut"]) if "cut" in memo else 0.0
-        memo["cut"], memo["width"] = cut, max(3.0 * moved, 1e-3 * cut)
-        return found
+        """The boolean keep-mask, found with device operations alone (a selection, comparisons, a running count of
+        the ties), whether or not it is ``frozen``: the same mask as :meth:`mask`, bit for bit."""
+        return self.mask(weight)
 
     def kept_mask(self, weight, state):
-        return state.kept(weight) if isinstance(state, Cut) else state
+        return state
 
     def blend(self, weight, state, beta):
-        pruned = state.apply(weight) if isinstance(state, Cut) else weight * state
-        if beta == 0.0:
+        pruned = weight * state
+        if beta_is_zero(beta):
             return pruned
-        return pruned.lerp_(weight, beta)  # C + β·(W − C) in one pass: kept: W exactly; pruned: β·W
+        return lerp(pruned, weight, beta, out=pruned)  # C + β·(W − C) in one pass: kept: W exactly; pruned: β·W
 
     def setting(self) -> str:
         return f"sparsity {self.options.sparsity:.3f} ({self.options.prune_pattern})"

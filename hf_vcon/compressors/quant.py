@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..errors import UnsupportedLayerError
-from .base import INTEGER_STRATEGIES, CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor
+from .base import INTEGER_STRATEGIES, CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor, beta_is_zero, lerp
 from .options import CompressorOptions, check_choice, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from . import quant_formats as formats
@@ -138,6 +138,7 @@ class Quantizer(WeightCompressor):
     example_options = ({}, {"bits": 3, "strategy": "group", "group_size": 16},
                        {"bits": 2, "strategy": "tensor", "clip_search": True},
                        {"format": "fp8", "strategy": "tensor"}, {"format": "nvfp4"}, {"format": "mxfp4"})
+    accepts_leading_dims = True
 
     @property
     def scheme(self) -> IntegerScheme:
@@ -189,11 +190,12 @@ class Quantizer(WeightCompressor):
     # ------------------------------------------------------------------------------------------ the maths
     def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
         """W with each scale's block along the reduced dimensions (:meth:`_block_dims`): W itself for the tensor and
-        channel strategies (a view, even of a transposed Conv1D weight), ``(out, in/group_size, group_size)`` for group."""
+        channel strategies (a view, even of a transposed Conv1D weight), ``(..., out, in/group_size, group_size)`` for
+        group."""
         if self.options.strategy != "group":
             return weight
-        out_features, in_features = weight.shape
-        return weight.reshape(out_features, in_features // self.options.group_size, self.options.group_size)
+        *lead, out_features, in_features = weight.shape
+        return weight.reshape(*lead, out_features, in_features // self.options.group_size, self.options.group_size)
 
     def _block_dims(self) -> tuple[int, ...]:
         return (-2, -1) if self.options.strategy == "tensor" else (-1,)
@@ -238,7 +240,7 @@ class Quantizer(WeightCompressor):
         if fmt == "mxfp4":
             stored = formats.group_scales(fmt, absmax)
             return stored, stored, None
-        global_scale = formats.global_scale(weight)
+        global_scale = formats.global_scale(absmax)
         stored = formats.group_scales(fmt, absmax, global_scale)
         return stored / global_scale, stored, global_scale
 
@@ -262,7 +264,7 @@ class Quantizer(WeightCompressor):
 
     def blend(self, weight, state, beta):
         blended = self._compressed(weight, state)  # the one full-size result (a float32 one first for 16-bit W)
-        return blended.lerp_(weight, beta) if beta else blended  # C + β·(W − C), one pass
+        return blended if beta_is_zero(beta) else lerp(blended, weight, beta, out=blended)  # C + β·(W − C), one pass
 
     # --------------------------------------------------------------------------------- integer form / sizes
     def integer_scheme(self):
@@ -276,7 +278,7 @@ class Quantizer(WeightCompressor):
         _, stored, global_scale = self._float_scales(weight, absmax)
         tensors = {"weight_scale": stored.reshape(self.scheme.scale_shape(*weight.shape))}
         if global_scale is not None:
-            tensors["weight_global_scale"] = global_scale.reshape(1)
+            tensors["weight_global_scale"] = global_scale.reshape(1)  # a 2-D W: one value
         return tensors
 
     def integer_form(self, weight, params):

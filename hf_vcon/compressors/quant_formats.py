@@ -170,11 +170,15 @@ def round_codes(format: str, scaled: torch.Tensor) -> torch.Tensor:
     return round_fp8(scaled) if format == "fp8" else round_e2m1(scaled)
 
 
-def global_scale(weight: torch.Tensor) -> torch.Tensor:
-    """NVFP4's global scale g (float32, shape ``(1,)``): the library's 448 · 6 / max|W| rounded down to a power of two."""
-    from compressed_tensors.quantization.utils.helpers import generate_gparam
-    low, high = torch.aminmax(weight.detach().float())
-    library_scale = generate_gparam(low.reshape(1), high.reshape(1))
+def global_scale(group_absmax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's global scale g (float32) from the group maxima ``(..., out, groups, 1)``, one per leading index (shape
+    ``(..., 1, 1, 1)``): compressed-tensors' ``generate_gparam``, 448 · 6 / max|W| (1 where that is not finite),
+    rounded down to a power of two. Written out here because the library's returns one value for the whole tensor;
+    the tests check it against the library's."""
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA
+    absmax = group_absmax.amax(dim=(-3, -2, -1), keepdim=True).float()
+    library_scale = FP8_E4M3_DATA.max * FP4_E2M1_DATA.max / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    library_scale = torch.nan_to_num(library_scale, nan=1.0, posinf=1.0, neginf=1.0)
     return torch.exp2(torch.floor(torch.log2(library_scale)))
 
 

@@ -52,7 +52,7 @@ class VConConfig:
         target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
             matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
             full module name; or ``"all-linear"`` (every Linear/Conv1D and fused expert weight of the base model;
-            the task head and MoE routers stay dense: README "Architectures").
+            the task head and MoE routers stay dense: docs/guides/architectures.md).
         exclude_modules: modules to leave alone, in the same grammar (``"all-linear"`` excepted).
         module_overrides: per-module settings, like PEFT's ``rank_pattern``: a dict from a module-name pattern to
             a dict of options, and optionally another ``"method"``, e.g.

@@ -207,8 +207,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     the teacher gives probability 0 (logit −inf) contribute 0.
 
     Args:
-        student_logits, teacher_logits: ``(..., classes)``, the same shape; every leading index is one item (an
-            example, or a token).
+        student_logits: ``(..., classes)``; every leading index is one item (an example, or a token).
+        teacher_logits: the same shape as ``student_logits``.
         temperature: T > 0.
         mask: bool ``(...)``: the items that count (the label mask of a language model); ``None``: all of them.
         reduction: ``"mean"`` over the items that count, ``"sum"``, or ``"none"`` (per item, 0 where masked).

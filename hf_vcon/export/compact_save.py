@@ -32,7 +32,7 @@ from ..patching.state import VConState, require_state
 from ..patching.tensors import replaced_keys
 from ..patching.verbs import check_finite
 from ..utils.modules import unwrap_model
-from ..utils.peft import ADAPTER_FOLDER, is_peft_model, without_adapters
+from ..utils.peft import ADAPTER_FOLDER, check_not_in_modules_to_save, is_peft_model, without_adapters
 from ..version import __version__
 
 FORMAT_NAME = "hf_vcon.compact"
@@ -76,6 +76,7 @@ def save_compressed(model: nn.Module, output_dir: Union[str, os.PathLike]) -> st
     state = require_state(model, "save_compressed")
     check_finite(state)
     _check_shapes_kept(state)
+    check_not_in_modules_to_save(model, state.targeted_module_names)
     tensors, layers = _packed_layers(state)
     dropped, renamed = replaced_keys(state)
     aliases = _add_dense_tensors(tensors, state, model, dropped, renamed)

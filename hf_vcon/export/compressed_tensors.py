@@ -155,11 +155,15 @@ def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str,
                       "in the compressed-tensors checkpoint, with their quantized values.", VConWarning, stacklevel=4)
     arguments = {name: _arguments(layers[name].compressor) for name in schemes}
     arguments = {name: value for name, value in arguments.items() if value is not None}
-    apply_quantization_config(plain, _quantization_config(plain, schemes, arguments))
+    config = _quantization_config(plain, schemes, arguments)
+    apply_quantization_config(plain, config)
     _write_integer_weights(plain, state, source, schemes)
     # pack-quantized for integer weights alone; else each group's format as the library infers it (mixed-precision
     # when they differ)
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=None if arguments else "pack-quantized")
+    # The library infers ``ignore`` from the exact classes it quantized (FalconLinear), but the loader matches the
+    # ``Linear`` target through subclasses: an untargeted nn.Linear it left out would load as packed random weights.
+    compressor.quantization_config.ignore = _checkpoint_names(plain, config.ignore)
     with _one_process():
         compressor.compress_model(plain)
     _to_original_dtypes(plain, merged)
@@ -168,16 +172,19 @@ def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str,
     plain.save_pretrained(output_dir, **save_kwargs)  # config.json written once, with its quantization_config
 
 
+def architecture_class(model: nn.Module) -> type:
+    """The model's architecture class (FSDP2 swaps the model's class for an ``FSDP<name>`` subclass)."""
+    return next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+
+
 def _plain_model(model: nn.Module, merged: dict[str, torch.Tensor]) -> nn.Module:
     """A float32 instance of the base architecture on the CPU holding the merged weights."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
-    # FSDP2 swaps the model's class for an "FSDP<name>" subclass: build the architecture itself
-    model_class = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
     with no_init_weights():
-        plain = model_class(copy.deepcopy(model.config))
+        plain = architecture_class(model)(copy.deepcopy(model.config))
     plain = plain.to(device="cpu", dtype=torch.float32)
     try:
         plain.load_state_dict(merged, strict=True)
@@ -203,8 +210,24 @@ def _quantization_config(plain: nn.Module, schemes: dict[str, IntegerScheme], ar
     for index, (weights, inputs, names) in enumerate(by_scheme.values()):
         targets = ["Linear"] if len(by_scheme) == 1 else names
         groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
-    ignore = [name for name, module in plain.named_modules() if isinstance(module, nn.Linear) and name not in schemes]
+    ignore = [name for name, module in plain.named_modules() if _is_linear_target(module) and name not in schemes]
     return QuantizationConfig(config_groups=groups, ignore=ignore)
+
+
+def _is_linear_target(module: nn.Module) -> bool:
+    """Whether the loader's ``"Linear"`` target matches ``module``: some class of its MRO is named ``Linear``
+    (nn.Linear and its subclasses: FalconLinear, NonDynamicallyQuantizableLinear…)."""
+    return any(cls.__name__ in ("Linear", "LinearBase") for cls in type(module).__mro__)
+
+
+def _checkpoint_names(plain: nn.Module, names: list[str]) -> list[str]:
+    """``names`` as the checkpoint spells them where transformers 5 renames weight keys on saving, as the library
+    maps its own ignore list."""
+    try:
+        from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names
+    except ImportError:  # versions without key renaming
+        return list(names)
+    return _map_to_checkpoint_names(plain, list(names))
 
 
 def _write_integer_weights(plain: nn.Module, state: VConState, source: dict, schemes: dict[str, IntegerScheme]) -> None:

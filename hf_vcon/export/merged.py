@@ -17,6 +17,8 @@ main process instead of the sharded tensors the modules hold.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -30,8 +32,9 @@ from ..patching.state import require_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.tensors import config_changes, layer_tensors, replaced_keys
 from ..utils.modules import unwrap_model
-from ..utils.peft import ADAPTER_FOLDER, is_peft_model, without_adapters
+from ..utils.peft import ADAPTER_FOLDER, check_not_in_modules_to_save, is_peft_model, without_adapters
 from . import compressed_tensors as export_ct
+from .verify import load_problem
 
 DENSE = "dense"
 COMPRESSED_TENSORS = export_ct.FORMAT_NAME
@@ -75,13 +78,15 @@ def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: 
     Raises:
         ValueError: for an unknown ``export_format``.
         VConError: for ``"compressed-tensors"`` when the model cannot be written in it (no integer layers, GPT-2
-            style Conv1D layers, a tied quantized head) or the package is missing, naming the extra to install.
+            style Conv1D layers, a tied quantized head) or the package is missing, naming the extra to install; for
+            any format, when a VCON layer sits in a PEFT ``modules_to_save`` wrapper (no export can be right).
     """
     check_export_format(export_format)
-    if export_format == DENSE:
-        return DENSE
     inner = unwrap_model(model)
     state = require_state(inner, "save_merged")
+    check_not_in_modules_to_save(inner, state.targeted_module_names)
+    if export_format == DENSE:
+        return DENSE
     problems = export_ct.blockers(inner, state)
     if export_format == COMPRESSED_TENSORS:
         if problems:
@@ -164,13 +169,41 @@ def save_merged(
     merged = merged_state_dict(inner, source)
     with _config_of_merged_model(inner, config_changes(state)):
         if resolved == COMPRESSED_TENSORS:
-            export_ct.save_compressed_tensors(inner, state, output_dir, source, merged, **save_kwargs)
-        else:
+            resolved = _save_verified_compressed_tensors(inner, state, output_dir, source, merged, explicit=format ==
+                                                         COMPRESSED_TENSORS, **save_kwargs)
+        if resolved == DENSE:
             inner.save_pretrained(output_dir, state_dict=merged, **save_kwargs)
     state.config.save_pretrained(output_dir)
     if is_peft_model(model):  # the adapters apart, on the compressed base: PeftModel.from_pretrained(base, adapter/)
         model.save_pretrained(os.path.join(output_dir, ADAPTER_FOLDER))
     return vcon_summary(inner, without_adapters(inner, source))
+
+
+def _save_verified_compressed_tensors(model: nn.Module, state, output_dir: str, source: dict, merged: dict, *,
+                                     explicit: bool, **save_kwargs: Any) -> str:
+    """Write the compressed-tensors folder apart, check that plain transformers loads it back to ``merged``
+    (:func:`~hf_vcon.export.verify.load_problem`) and only then move it to ``output_dir``. The format the folder
+    holds is returned: ``"dense"`` when the check failed under ``"auto"`` (nothing written yet; warned, naming why).
+
+    Raises:
+        VConError: when the check fails under an explicit ``"compressed-tensors"`` (nothing written).
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".hf_vcon-") as folder:
+        export_ct.save_compressed_tensors(model, state, folder, source, merged, **save_kwargs)
+        problem = load_problem(export_ct.architecture_class(model), folder, merged)
+        if problem is None:
+            os.makedirs(output_dir, exist_ok=True)
+            for file in os.listdir(folder):
+                shutil.move(os.path.join(folder, file), os.path.join(output_dir, file))
+            return COMPRESSED_TENSORS
+    reason = f"the {COMPRESSED_TENSORS} checkpoint of this {type(model).__name__} does not load back: {problem}"
+    if explicit:
+        raise VConError(f"export_format='{COMPRESSED_TENSORS}' cannot write this model: {reason}. Use "
+                        "export_format='dense'.")
+    warnings.warn(f"Saving the merged model dense: {reason}.", VConWarning, stacklevel=4)
+    return DENSE
 
 
 def stored_sizes(output_dir: str, layer_names: list[str]) -> tuple[int, int]:

@@ -38,13 +38,13 @@ from .block_outputs import (
 )
 from .factory import make_unit
 from .linear import VConLinear
-from .protocol import keep_in_graph
+from .protocol import COMPRESSED, DENSE, HoldsBeta, keep_in_graph
 from .weight import VConWeight
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
-class VConBlock(nn.Module):
+class VConBlock(HoldsBeta):
     """``β·f(x) + (1−β)·g(x)`` for a whole block: f the original (``base_block``), g its compressed copy
     (``vcon_block``).
 
@@ -61,7 +61,6 @@ class VConBlock(nn.Module):
         super().__init__()
         self.base_block = base_block
         self.vcon_block = compressed_block
-        self.beta = 1.0
         self.cache_layer_idx = layer_idx(base_block)
 
     def __getattr__(self, name: str) -> Any:
@@ -80,20 +79,20 @@ class VConBlock(nn.Module):
         """Set β, the weight of the original block f, in [0, 1]."""
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta={beta!r} must be in [0, 1].")
-        self.beta = float(beta)
+        self._store_beta(beta)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.beta == 1.0:  # f alone
+        if self.phase == DENSE:  # f alone
             return self._keep_other_in_graph(self.base_block(*args, **kwargs), self.vcon_block)
-        if self.beta == 0.0:  # g alone
+        if self.phase == COMPRESSED:  # g alone
             return self._keep_other_in_graph(self.vcon_block(*args, **kwargs), self.base_block)
         self._check_cache_is_empty(args, kwargs)
         collector = active_collector()
         out_f, records_f = run_recording_apart(self.base_block, args, kwargs, collector)
         out_g, records_g = run_recording_apart(self.vcon_block, without_cache(args), without_cache(kwargs), collector)
         for key, entries in records_f.items():
-            collector[key].extend(blend_outputs(entries, records_g[key], self.beta))
-        return blend_outputs(out_f, out_g, self.beta)
+            collector[key].extend(blend_outputs(entries, records_g[key], self.vcon_beta))
+        return blend_outputs(out_f, out_g, self.vcon_beta)
 
     def _keep_other_in_graph(self, output: Any, other: nn.Module) -> Any:
         if not self.training:

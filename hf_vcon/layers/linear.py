@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compressors import Compressor
+from ..compressors.base import lerp
 from ..utils.linears import (
     LINEAR_TYPES,
     is_conv1d,
@@ -31,7 +32,7 @@ from ..utils.linears import (
 )
 from ..utils.modules import replace_module
 from ..utils.peft import check_not_inside_vcon
-from .protocol import ForwardAudit, StraightThroughLinear, StraightThroughWeight, VConUnit, keep_in_graph
+from .protocol import COMPRESSED, DENSE, ForwardAudit, StraightThroughLinear, StraightThroughWeight, VConUnit, keep_in_graph
 
 
 class StraightThroughInputs(torch.autograd.Function):
@@ -105,7 +106,7 @@ class VConLinear(VConUnit):
             ForwardAudit.active.ran.add(id(self))
         if not isinstance(self.base_layer, LINEAR_TYPES):  # an adapter was put inside this layer after patching
             check_not_inside_vcon(self)
-        if self.beta == 1.0:  # f alone
+        if self.phase == DENSE:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)
         if getattr(self.compressor, "quantizes_inputs", False):
@@ -114,13 +115,14 @@ class VConLinear(VConUnit):
             # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
             # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
             flat = StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
-                                               self.compression_state(), self.compressor, self.beta, self.kept_only)
+                                               self.compression_state(), self.compressor, self.blend_weight(),
+                                               self.kept_only)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()
-        if self.beta == 0.0:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
+        if self.phase == COMPRESSED:  # g alone, in its cheaper form; W is only touched to keep DDP's reducer whole
             output = self.compressor.compressed_forward(x, params, self.bias)
             return keep_in_graph(output, [self.weight] if self.training else [])
-        return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.beta)
+        return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.vcon_beta)
 
     def _blend_with_quantized_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """β·f(x) + (1−β)·g(x) with g(x) = C·Q(x) + b: a blend of outputs, since Q acts on g's input alone (two
@@ -129,9 +131,9 @@ class VConLinear(VConUnit):
         compressed = StraightThroughWeight.apply(latent.unsqueeze(0), [self.compression_state()], self.compressor,
                                                  0.0, False)[0]
         output = F.linear(StraightThroughInputs.apply(x, self.compressor, self.base_layer), compressed, self.bias)
-        if self.beta == 0.0:
+        if self.phase == COMPRESSED:
             return output
-        return torch.lerp(output, F.linear(x, latent, self.bias), self.beta)
+        return lerp(output, F.linear(x, latent, self.bias), self.vcon_beta)  # β as a device tensor: no sync
 
     # ---------------------------------------------------------------- the unit's tensors, for the exports
     def state_keys(self, name: str) -> tuple[str, dict[str, str]]:

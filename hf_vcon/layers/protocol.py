@@ -18,6 +18,53 @@ from torch import nn
 from ..compressors import CompressionStats, Compressor
 from ..errors import VConError
 
+DENSE, BLENDING, COMPRESSED = "dense", "blending", "compressed"
+
+
+def phase_of(beta: float) -> str:
+    """The phase a β puts a holder in: ``"dense"`` (β = 1: f alone), ``"compressed"`` (β = 0: g alone) or
+    ``"blending"``."""
+    return DENSE if beta == 1.0 else COMPRESSED if beta == 0.0 else BLENDING
+
+
+class HoldsBeta(nn.Module):
+    """β, held three ways by the modules that blend (units and blocks).
+
+    ``beta``: the Python float, for reports and checks. ``vcon_beta``: a 0-d float32 buffer on the module's device
+    that the forward reads while blending, updated in place, so a step never turns a host float into a new device
+    value and a compiled graph (or a CUDA graph) reads the same tensor at every step instead of being specialised on
+    β. ``phase``: ``dense`` / ``blending`` / ``compressed`` (:func:`phase_of`), which changes twice per transition and
+    alone decides the forward's branches. The buffer is not persistent: β is a function of the optimizer step, never
+    in the state dict (checkpoints of earlier versions load unchanged), and it stays float32 when the module is cast.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("vcon_beta", torch.ones((), dtype=torch.float32), persistent=False)
+        self._beta = 1.0
+        self.phase = DENSE
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    def _store_beta(self, beta: float) -> None:
+        self._beta = float(beta)
+        with torch.no_grad():
+            self.vcon_beta.fill_(self._beta)
+        self.phase = phase_of(self._beta)
+
+    def blend_weight(self):
+        """β as the forward uses it: the tensor while blending, the float 0.0 once compressed."""
+        return self.vcon_beta if self.phase == BLENDING else 0.0
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        beta = self._buffers.get("vcon_beta")
+        if beta is not None and beta.dtype != torch.float32:  # model.half() / .to(bfloat16): β keeps its precision
+            self._buffers["vcon_beta"] = torch.full((), self._beta, dtype=torch.float32, device=beta.device)
+        return result
+
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs matmuls in on ``device_type`` now; ``None`` outside autocast."""
@@ -121,7 +168,7 @@ class StraightThroughWeight(torch.autograd.Function):
 
 
 # -------------------------------------------------------------------------------------------- the unit
-class VConUnit(nn.Module):
+class VConUnit(HoldsBeta):
     """The base of the VCON units: what a unit is to the verbs, the trainer and the exports.
 
     Subclasses provide ``weight`` (the latent W as stored), :meth:`latent_weight` (W in Linear orientation),
@@ -141,7 +188,6 @@ class VConUnit(nn.Module):
         self.compressor = compressor
         self.recompute_every = recompute_every
         self.kept_only = kept_only
-        self.beta = 1.0
         self.optimizer_step: Optional[int] = None  # set by hf_vcon.set_step; keys the compression-state cache
         self.dense_released = False  # set by hf_vcon.release_dense_paths
         self._states: Optional[list] = None
@@ -193,7 +239,7 @@ class VConUnit(nn.Module):
                 f"beta={beta!r} needs the dense path, which release_dense_paths() froze; rebuild the model (or resume "
                 "from a checkpoint) to train it again."
             )
-        self.beta = float(beta)
+        self._store_beta(beta)
 
     def state_cache_key(self, weight: torch.Tensor) -> tuple[bool, tuple]:
         """``(frozen, key)``: whether the state is held for ``recompute_every`` steps, and what it is valid for.

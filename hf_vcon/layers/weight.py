@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..compressors import Compressor
-from .protocol import StraightThroughWeight, VConUnit, keep_in_graph
+from .protocol import COMPRESSED, DENSE, StraightThroughWeight, VConUnit, keep_in_graph
 
 
 class VConWeight(VConUnit):
@@ -82,18 +82,19 @@ class VConWeight(VConUnit):
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         latent = self._linear(original)
         params = self.compressed_params()
-        if self.beta == 1.0:
+        if self.phase == DENSE:
             return keep_in_graph(original, list(params.values())) if self.training else original
         if self.compressor.trains_straight_through:
-            states = self.compression_states(latent)
             stacked = latent if self.stacked else latent.unsqueeze(0)
-            blended = StraightThroughWeight.apply(stacked, states, self.compressor, self.beta, self.kept_only)
+            blended = StraightThroughWeight.apply(stacked, self.compression_states(latent), self.compressor,
+                                                  self.blend_weight(), self.kept_only)
             return self._stored(blended if self.stacked else blended[0])
         compressed = self._stack([self.compressor.compose(self.slice_params(index, params))
                                   for index in range(self.num_slices)])
-        if self.beta == 0.0:
+        if self.phase == COMPRESSED:
             return self._stored(keep_in_graph(compressed, [original]) if self.training else compressed)
-        return self._stored(torch.lerp(latent, compressed, 1.0 - self.beta))
+        # under autocast C is 16-bit: blended in its dtype, as the matmul that reads the weight runs
+        return self._stored(torch.lerp(compressed, latent.to(compressed.dtype), self.vcon_beta))
 
     # ---------------------------------------------------------------- the unit's tensors, for the exports
     def owner_name(self, name: str) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from ..config.targets import ALL_LINEAR, candidate_targets, find_targets, matches, matches_pattern
 from ..config.vcon_config import VConConfig
 from ..errors import NoTargetModulesError, UnsupportedLayerError, VConError, VConWarning
-from ..layers.factory import unit_shape
+from ..layers.factory import unit_shape, unit_weight
 from ..utils.linears import LINEAR_TYPES
 from ..utils.peft import adapter_layer_names
 
@@ -128,6 +128,7 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
                 f"module_overrides[{pattern!r}] matches none of the {len(names)} targeted modules, e.g. {shown(names)}; "
                 "a pattern must match a targeted module's full name or a dotted suffix of it."
             )
+    _check_no_shared_weight(model, names)
     settings = [config.setting_for(name) for name in names]
     by_setting = {setting: setting.compressor() for setting in dict.fromkeys(settings)}
     kept, skipped = [], []
@@ -144,6 +145,30 @@ def plan_for(model: nn.Module, config: VConConfig, names: list[str]) -> Plan:
     _warn_skipped(skipped, kept)
     return Plan(names=[name for name, _, _ in kept], settings=[setting for _, setting, _ in kept],
                 compressors=[compressor for _, _, compressor in kept])
+
+
+def _check_no_shared_weight(model: nn.Module, names: list[str]) -> None:
+    """Refuse a targeted layer whose weight is also another module's (a tied output head shares the input
+    embeddings): VCON would compress the embeddings with it in every export, while the trained model reads them
+    dense. Untying first keeps both: the model then has a head of its own to compress."""
+    targeted = {id(unit_weight(model, name)): name for name in names}
+    for key, parameter in model.named_parameters(remove_duplicate=False):
+        name = targeted.get(id(parameter))
+        owner = key.rpartition(".")[0]
+        if name is not None and not _is_inside(key, name) and not any(_is_inside(key, other) for other in names):
+            raise VConError(
+                f"The targeted layer {name!r} shares its weight with {key!r} (tied embeddings): compressing it would "
+                f"compress {owner!r} too, in every export, while the trained model reads it dense. Leave it out "
+                f"(exclude_modules=[{name!r}]), or give the layer a weight of its own before apply_vcon (clone it and "
+                "set tie_word_embeddings=False in the config, which changes the outputs of models that rescale a "
+                "tied head, such as T5)."
+            )
+
+
+def _is_inside(key: str, name: str) -> bool:
+    """Whether the parameter ``key`` is what the target ``name`` compresses: a weight of the layer ``name``, or the
+    weight ``name`` itself (fused experts, MultiheadAttention projections)."""
+    return key == name or key.startswith(f"{name}.")
 
 
 def _bound(model: nn.Module, config: VConConfig, kept: list[tuple]) -> list[tuple]:

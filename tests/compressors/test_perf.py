@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import build, tiny_inputs, vcon_config
 from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_dense_paths, set_beta, set_step
-from hf_vcon.compressors.prune import Cut, _keep_largest, _keep_threshold_near
+from hf_vcon.compressors.prune import _keep_largest
 from reference import _keep_largest_rows
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,77 +45,56 @@ def _pruner(sparsity: float):
 
 
 
-@pytest.mark.parametrize("sparsity", [0.9, 0.5, 0.3])
-def test_training_cut_gives_the_exact_mask_step_after_step(sparsity):
-    """The banded selection (hinted by the previous cut) and λ reproduce the full selection exactly, whether the
-    cut moved a little (band), a lot (full selection again) or sits on a tie (mask)."""
-    pruner, memo = _pruner(sparsity), {}
+def _tied_weights(shape, dtype, generator) -> torch.Tensor:
+    """Weights with many ties at every magnitude: few distinct values, or bf16 roundings of normal ones (upcast)."""
+    if dtype == "bf16-upcast":
+        return torch.randn(shape, generator=generator).to(torch.bfloat16).float()
+    return torch.randint(-3, 4, shape, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-upcast"], ids=str)
+@pytest.mark.parametrize("setting", [{"sparsity": 0.9}, {"sparsity": 0.5}, {"sparsity": 0.3, "prune_pattern": "row"},
+                                     {"prune_pattern": "2:4"}], ids=lambda s: "-".join(map(str, s.values())))
+def test_training_state_is_the_position_rule_mask_bit_for_bit(setting, dtype):
+    """The state found with device operations alone is the mask of the definition (the largest |W|, ties broken by
+    position), for moving weights, weights full of ties (fp32, bf16 and bf16-rounded fp32), in any storage order."""
+    pruner = _layer("prune", setting).compressor
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 80, generator=generator)
-    moves = [1e-4, 1e-3, 1e-4, 0.3, 1e-5, 0.0, 1e-3]
-    for move in moves:
-        weight += move * torch.randn(weight.shape, generator=generator)
-        state = pruner.compression_state(weight, memo)
-        assert isinstance(state, Cut)  # no full-size mask kept
-        assert torch.equal(state.kept(weight), pruner.mask(weight))
-        assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
-        expected = torch.where(pruner.mask(weight), weight, 0.25 * weight)
-        torch.testing.assert_close(pruner.blend(weight, state, 0.25), expected, rtol=1e-6, atol=0)
-    quantized = torch.randint(-3, 4, (96, 80), generator=generator).float()  # ties straddle the cut
-    for weight in (quantized, quantized.t().contiguous().t()):  # row-major and transposed (Conv1D) storage
-        state = pruner.compression_state(weight, memo)
-        assert isinstance(state, Cut) and state.dropped is not None
-        assert torch.equal(state.kept(weight), pruner.mask(weight))
-        assert torch.equal(pruner.blend(weight, state, 0.0), weight * pruner.mask(weight))
-        assert int(state.kept(weight).sum()) == weight.numel() - round(weight.numel() * sparsity)
+    weights = [torch.randn(96, 80, generator=generator)]
+    for move in (1e-4, 0.3, 0.0):
+        weights.append(weights[-1] + move * torch.randn(96, 80, generator=generator))
+    weights += [_tied_weights((96, 80), dtype, generator) for _ in range(3)]
+    for weight in weights:
+        weight = weight.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        for stored in (weight, weight.t().contiguous().t()):  # row-major and transposed (Conv1D) storage
+            state = pruner.compression_state(stored, {})
+            groups, keep = pruner._groups(stored.abs())
+            expected = _keep_largest_rows(groups.float().numpy(), keep).reshape(stored.shape)
+            assert state.dtype == torch.bool and np.array_equal(state.numpy(), expected)
+            assert torch.equal(pruner.blend(stored, state, 0.0), stored * torch.from_numpy(expected))
+            blended = pruner.blend(stored, state, torch.tensor(0.25))
+            assert torch.equal(blended, torch.where(state, stored, torch.lerp(stored * 0, stored, 0.25)))
 
 
-def _full_selection(weight: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
-    scores = weight.abs().reshape(-1)
-    value = scores.kthvalue(scores.numel() - keep + 1).values
-    return value, int((scores >= value).sum())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(96, 80), (7, 13), (1, 64), (300, 2)])
-def test_banded_cut_is_the_full_selection_or_none(shape, dtype):
-    """For any guess and width, the banded search returns exactly the full selection's value and count, or None
-    when the value is outside the band; in any storage order, with ties, exact zeros and a band reaching zero."""
+@pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.7}), ("prune", {"prune_pattern": "row", "sparsity": 0.5}),
+                                             ("prune", {"prune_pattern": "2:4"}), ("binary", {}),
+                                             ("binary", {"binary_scale": "channel"}), ("quant", {"bits": 4}),
+                                             ("quant", {"bits": 3, "strategy": "group", "group_size": 8}),
+                                             ("quant", {"bits": 2, "strategy": "tensor", "clip_search": True})])
+def test_a_leading_expert_dimension_compresses_each_expert_on_its_own(method, setting):
+    """States and blends of a stacked ``(experts, out, in)`` weight, in one call, equal those of each expert alone."""
+    compressor = _layer(method, setting).compressor
+    assert compressor.accepts_leading_dims
     generator = torch.Generator().manual_seed(0)
-    found = missed = 0
-    for trial in range(60):
-        weight = torch.randn(shape, generator=generator)
-        if trial % 3 == 1:  # few distinct values: ties at the cut, exact zeros
-            weight = torch.randint(-4, 5, shape, generator=generator).float()
-        weight = weight.to(dtype)
-        if trial % 2:
-            weight = weight.t().contiguous().t()  # Conv1D storage: a transposed view
-        keep = int(torch.randint(1, weight.numel(), (1,), generator=generator))
-        value, reaching = _full_selection(weight, keep)
-        guess = float(value) * (1 + 0.2 * float(torch.randn((), generator=generator)))
-        width = abs(float(value)) * float(torch.rand((), generator=generator)) * 0.5 + 1e-3
-        result = _keep_threshold_near(weight, keep, guess, width)
-        if result is None:
-            missed += 1
-            inside = guess - width < float(value) <= guess + width and float(value) != 0.0
-            assert not inside or dtype != torch.float32  # bf16 rounds the band's edges
-            continue
-        found += 1
-        assert torch.equal(result[0], value) and result[1] == reaching
-    assert found > 20 and missed > 5  # both outcomes were exercised
-
-
-def test_training_cut_uses_the_band_not_a_full_selection(monkeypatch):
-    pruner, memo = _pruner(0.9), {}
-    generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(64, 64, generator=generator)
-    pruner.compression_state(weight, memo)
-    band_sizes = []
-    original = torch.Tensor.kthvalue
-    monkeypatch.setattr(torch.Tensor, "kthvalue", lambda self, *a, **k: band_sizes.append(self.numel()) or
-                        original(self, *a, **k))
-    pruner.compression_state(weight + 1e-4 * torch.randn(64, 64, generator=generator), memo)
-    assert len(band_sizes) == 1 and band_sizes[0] < weight.numel() // 20
+    stacked = torch.randn(5, 12, 16, generator=generator)
+    stacked[1] = torch.randint(-2, 3, (12, 16), generator=generator).float()  # ties
+    states = compressor.compression_state(stacked, {})
+    beta = torch.tensor(0.3)
+    for index, weight in enumerate(stacked):
+        alone = compressor.compression_state(weight, {})
+        assert torch.equal(states[index].reshape(alone.shape), alone)
+        assert torch.equal(compressor.blend(stacked, states, beta)[index], compressor.blend(weight, alone, beta))
+        assert torch.equal(compressor.blend(stacked, states, 0.0)[index], compressor.compress(weight))
 
 
 # -------------------------------------------------------------------------------------------- cache

@@ -65,6 +65,28 @@ def test_e2m1_rounding_is_the_librarys_cast_to_fp4():
     assert torch.equal(quant_formats.round_e2m1(values.clone()), FP4_E2M1_DATA.cast_to_fp4(values.clone()))
 
 
+def test_global_scale_is_the_librarys_rounded_down_to_a_power_of_two():
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+    for scale in (1e-3, 0.02, 1.0, 300.0, 0.0):
+        weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)) * scale
+        absmax = weight.reshape(8, 2, 16).abs().amax(-1, keepdim=True)
+        library = generate_gparam(weight.min().reshape(1), weight.max().reshape(1))
+        ours = quant_formats.global_scale(absmax).reshape(1)
+        assert ours <= library < 2 * ours and torch.equal(torch.exp2(torch.log2(ours).round()), ours)
+
+
+@pytest.mark.parametrize("setting", [dict(format="fp8"), dict(format="nvfp4"), dict(format="mxfp4"), dict(scheme="W8A8")],
+                         ids=_id)
+def test_a_leading_expert_dimension_compresses_each_expert_on_its_own(setting):
+    compressor = compressor_of(**setting)
+    assert compressor.accepts_leading_dims
+    stacked = torch.randn(3, 12, 64, generator=torch.Generator().manual_seed(0))
+    stacked[1] *= 100  # another range: its own global scale
+    states = compressor.compression_state(stacked, {})
+    for index, weight in enumerate(stacked):
+        assert torch.equal(compressor.blend(stacked, states, 0.0)[index], compressor.compress(weight))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("setting", WEIGHT_ONLY + WITH_INPUTS, ids=_id)
 def test_c_is_the_librarys_quantize_dequantize(setting, dtype):

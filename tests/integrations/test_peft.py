@@ -137,3 +137,64 @@ def test_vcon_trainer_trains_adapters_and_saves_both(tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(tmp_path, **FLOAT32).eval()
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), "bert"),
                                logits(model, "bert"), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------- modules_to_save (SEQ_CLS recipe)
+SEQ_CLS_METHODS = [("prune", {"sparsity": 0.5}), ("binary", {}), ("quant", {"bits": 4}), ("lowrank", {"rank_ratio": 0.25})]
+
+
+def seq_cls_lora(method, options, vcon_first=True, targets=("key", "value", "dense")):
+    """The LoRA-for-classification recipe: ``task_type="SEQ_CLS"`` trains the classifier in full beside the adapters
+    (a ModulesToSaveWrapper); its trained copy and the adapters moved as a training would move them."""
+    torch.manual_seed(0)
+    config = VConConfig(method=method, transition_steps=0, target_modules=list(targets), **options)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"], init_lora_weights=False)
+    if vcon_first:
+        model = get_peft_model(apply_vcon(build("bert"), config), lora)
+    else:
+        model = apply_vcon(peft_get_peft_model(build("bert"), lora), config)
+    trained_head = model.base_model.model.classifier.modules_to_save.default
+    with torch.no_grad():
+        trained_head.weight.add_(torch.randn(trained_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    set_beta(model, 0.0)
+    return model.eval(), trained_head
+
+
+@pytest.mark.parametrize("vcon_first", [True, False], ids=["vcon-then-lora", "lora-then-vcon"])
+@pytest.mark.parametrize("method, options", SEQ_CLS_METHODS, ids=[method for method, _ in SEQ_CLS_METHODS])
+def test_modules_to_save_base_loads_its_trained_head_and_base_plus_adapter_is_the_model(method, options, vcon_first,
+                                                                                        tmp_path):
+    model, trained_head = seq_cls_lora(method, options, vcon_first)
+    expected = logits(model, "bert")
+    save_merged(model, tmp_path)
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path, **FLOAT32).eval()
+    assert torch.equal(base.classifier.weight, trained_head.weight)  # alone: the trained head, as PEFT's unload
+    assert torch.equal(base.classifier.bias, trained_head.bias)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded, "bert"), expected, atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_in_the_compact_format(tmp_path):
+    from hf_vcon import load_compressed, save_compressed
+
+    model, trained_head = seq_cls_lora("quant", {"bits": 4})
+    expected = logits(model, "bert")
+    save_compressed(model, tmp_path)
+    base = load_compressed(tmp_path)
+    assert torch.equal(base.classifier.weight, trained_head.weight)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded, "bert"), expected, atol=1e-5, rtol=0)
+
+
+def test_a_vcon_layer_in_modules_to_save_is_refused_when_the_trainer_is_built(tmp_path):
+    from test_trainer import training_args
+    from hf_vcon import VConTrainer
+
+    model, _ = seq_cls_lora("prune", {"sparsity": 0.5}, targets=("value", "classifier"))
+    message = r"VCON layer 'classifier' is inside PEFT's modules_to_save wrapper .*exclude_modules=\['classifier'\]"
+    with pytest.raises(VConError, match=message):
+        VConTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=TinyTextDataset(),
+                    vcon_config=get_vcon_state(model).config)
+    with pytest.raises(VConError, match=message):
+        save_merged(model, tmp_path / "merged", format="dense")
+    assert not (tmp_path / "merged").exists()

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import METHOD_CASES, SETTING_CASES, SOLO_SETTING_CASES, build, logits, merged_shapes, tiny_bert, vcon_config
 from hf_vcon import (
+    VConConfig,
     VConError,
     VConLinear,
     apply_vcon,
@@ -303,3 +304,59 @@ def test_base_model_without_head_all_linear():
     model = AutoModel.from_config(tiny_bert().config)
     apply_vcon(model, vcon_config("lowrank", {"rank": 2}))
     assert "pooler.dense" in get_vcon_state(model).targeted_module_names
+
+
+# ------------------------------------------------------------------------------------------- tied heads
+def _tied(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            tie_word_embeddings=True)).eval()
+    if kind == "gpt2":
+        return build("gpt2")
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, tie_word_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("kind, shared", [("llama", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight"),
+                                          ("t5", "shared.weight")])
+@pytest.mark.parametrize("method", ["prune", "binary", "quant"])
+def test_a_tied_output_head_targeted_on_purpose_is_refused_untouched(kind, shared, method):
+    model = _tied(kind)
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_parameter(shared)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    targets = ["lm_head", {"llama": "q_proj", "gpt2": "c_attn", "t5": "q"}[kind]]
+    with pytest.raises(VConError, match=rf"The targeted layer 'lm_head' shares its weight with '{shared}'.*"
+                                        r"exclude_modules=\['lm_head'\]"):
+        apply_vcon(model, VConConfig(method=method, target_modules=targets))
+    assert get_vcon_state(model) is None and model.get_output_embeddings() is head
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_an_untied_head_compresses_alone_in_every_export(tmp_path):
+    import transformers
+    from hf_vcon import load_compressed, save_compressed, save_merged
+
+    model = _tied("llama")
+    model.config.tie_word_embeddings = False  # the documented way: a head of its own
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    model = apply_vcon(model, VConConfig(method="quant", bits=4, target_modules=["lm_head", "q_proj"],
+                                         transition_steps=0))
+    set_beta(model, 0.0)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    save_merged(model, str(tmp_path / "dense"), format="dense")
+    save_merged(model, str(tmp_path / "ct"), format="compressed-tensors")
+    save_compressed(model, str(tmp_path / "compact"))
+    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")),
+                   transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")),
+                   load_compressed(str(tmp_path / "compact"))):
+        assert torch.equal(loaded.model.embed_tokens.weight, embeddings)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, trained, atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedLayerError, VConError
-from ..base import CompressionStats, WeightCompressor
+from ..base import CompressionStats, WeightCompressor, beta_is_zero
 from ..options import CompressorOptions, check_number, option
 from ..prune import _keep_largest, kept_count
 from ..registry import register_compressor
@@ -172,7 +172,8 @@ class StructuredPruner(WeightCompressor):
         if weight is not None:
             given.setdefault(self._layer_name(), weight)
         group = self._group()
-        return group.kept(self.kept_units(), given).repeat_interleave(group.block.widths[self.index])
+        kept, width = group.kept(self.kept_units(), given), group.block.widths[self.index]
+        return kept[:, None].expand(kept.shape[0], width).reshape(-1)  # each unit's rows or columns
 
     def _broadcast(self, mask: torch.Tensor) -> torch.Tensor:
         return mask[:, None] if self._rows else mask[None, :]
@@ -186,7 +187,7 @@ class StructuredPruner(WeightCompressor):
 
     def blend(self, weight, state, beta):
         keep = self._broadcast(state)
-        if beta == 0.0:
+        if beta_is_zero(beta):
             return weight * keep
         return weight * torch.where(keep, 1.0, beta).to(weight.dtype)  # kept: W; removed: β·W
 

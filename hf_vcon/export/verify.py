@@ -1,0 +1,83 @@
+"""Check that a written checkpoint loads back, with plain transformers, to the merged model.
+
+A format is only worth claiming if ``from_pretrained`` loads it: some model classes' own weight initialisation reads
+``.weight`` of every Linear and crashes on the packed modules of a compressed-tensors checkpoint (seen with
+transformers 5.x on Falcon, SigLIP, ModernBERT, T5, wav2vec2, GPTBigCode), and a module the loader quantizes but the
+checkpoint stores dense would load as random weights. :func:`load_problem` loads the folder as a user would (the
+model's own class, its dtype, no hf_vcon involved), unpacks the quantized modules in memory and compares every tensor
+with the merged state dict: equal weights give equal logits on every input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import transformers
+from torch import nn
+
+_DTYPE_KEY = "dtype" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+
+
+def load_problem(model_class: type, folder: str, merged: dict[str, torch.Tensor]) -> Optional[str]:
+    """Why plain ``model_class.from_pretrained(folder)`` does not give back ``merged`` (``None`` when it does).
+
+    The folder is loaded on the CPU in the dtype of ``merged``'s floating tensors, its quantized modules unpacked
+    one at a time and each tensor of ``merged`` compared with the loaded one, within one
+    unit in the last place of its dtype (the unpacked codes · scales are exact in float32).
+    """
+    dtype = next((tensor.dtype for tensor in merged.values() if tensor.is_floating_point()), torch.float32)
+    try:
+        loaded = model_class.from_pretrained(folder, **{_DTYPE_KEY: dtype})
+    except Exception as error:  # any failure of transformers' loader means the folder does not load
+        return f"transformers cannot load it ({type(error).__name__}: {_first_line(error)})"
+    try:
+        return _mismatch(loaded, merged)
+    except Exception as error:
+        return f"its quantized weights cannot be unpacked after loading ({type(error).__name__}: {_first_line(error)})"
+
+
+def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[str]:
+    """Compare ``loaded`` with ``merged`` tensor by tensor, each packed module unpacked, compared and released in
+    turn: the check holds at most one unpacked layer beyond the packed model."""
+    different, checked = [], set()
+    for name, module in loaded.named_modules():
+        if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_packed"):
+            continue
+        _unpack(module)
+        key = f"{name}.weight" if name else "weight"
+        if key in merged and not _close(module.weight, merged[key]):
+            different.append(key)
+        checked.add(key)
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+    actual = loaded.state_dict()
+    missing = [key for key in merged if key not in actual and key not in checked]
+    if missing:
+        return f"the loaded model has no {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+    different += [key for key, tensor in merged.items() if key not in checked and not _close(actual[key], tensor)]
+    if different:
+        return (f"the loaded model's {', '.join(different[:3])}{' …' if len(different) > 3 else ''} differ from the "
+                "merged model's (the loader built them from something else than what was written)")
+    return None
+
+
+def _unpack(module: nn.Module) -> None:
+    from compressed_tensors.compressors.base import decompress_module
+
+    decompress_module(module)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    if actual.shape != expected.shape:
+        return False
+    if not expected.is_floating_point():
+        return torch.equal(actual.cpu().to(expected.dtype), expected.cpu())
+    unit = 1e-6 if expected.dtype == torch.float32 or expected.dtype == torch.float64 else torch.finfo(expected.dtype).eps
+    expected = expected.detach().float().cpu()
+    scale = max(float(expected.abs().max()), 1.0) if expected.numel() else 1.0
+    return bool(torch.allclose(actual.detach().float().cpu(), expected, rtol=0, atol=unit * scale))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""
