@@ -42,7 +42,7 @@ def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[st
     turn: the check holds at most one unpacked layer beyond the packed model."""
     different, checked = [], set()
     for name, module in loaded.named_modules():
-        if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_packed"):
+        if getattr(module, "quantization_scheme", None) is None or not _is_compressed(module):
             continue
         _unpack(module)
         key = f"{name}.weight" if name else "weight"
@@ -59,6 +59,14 @@ def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[st
         return (f"the loaded model's {', '.join(different[:3])}{' …' if len(different) > 3 else ''} differ from the "
                 "merged model's (the loader built them from something else than what was written)")
     return None
+
+
+def _is_compressed(module: nn.Module) -> bool:
+    """Packed codes (pack-quantized, FP4 formats), or codes stored as the weight itself (int8 of int-quantized, FP8 of
+    float-quantized)."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "weight_packed") or (
+        weight is not None and (weight.dtype == torch.float8_e4m3fn or not weight.dtype.is_floating_point))
 
 
 def _unpack(module: nn.Module) -> None:
