@@ -292,8 +292,8 @@ def _layout_kwargs(plain: nn.Module, merged: dict[str, torch.Tensor]) -> dict[st
 def _to_original_dtypes(plain: nn.Module, merged: dict[str, torch.Tensor]) -> None:
     """Dense tensors back in the model's dtypes and each scale in its layer's (exact by construction), in place."""
     for key, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
-        if key.endswith(".weight_scale") and tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            continue  # stored in the format's own type (NVFP4's FP8, MXFP4's E8M0 exponents)
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            continue  # codes and scales in the format's own type (FP8 weights, NVFP4's FP8 scales, E8M0 exponents)
         if key.endswith(".weight_scale"):
             dtype = merged[key[: -len("_scale")]].dtype
         elif key in merged and tensor.is_floating_point():

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from architectures import by_key
 from conftest import DTYPE_KEY, build, logits, tiny_inputs
 from hf_vcon import VConConfig, apply_vcon, get_vcon_state, merge_and_unload, save_merged, set_beta
-from test_export_ct import AUTO, load, model_of
+from test_export_ct import AUTO, load, model_of, tensors
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
@@ -32,6 +32,11 @@ WITH_INPUTS = [dict(scheme="W8A8"), dict(scheme="FP8_DYNAMIC"), dict(scheme="W4A
 FORMAT_OF = {"fp8": "naive-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized",
              "W8A8": "int-quantized", "FP8_DYNAMIC": "float-quantized", "W4A16": "pack-quantized",
              "NVFP4A16": "nvfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized", "W4A8": "int-quantized"}
+
+
+STORED_DTYPE = {"naive-quantized": torch.float8_e4m3fn, "float-quantized": torch.float8_e4m3fn,
+                "int-quantized": torch.int8, "pack-quantized": torch.int32, "nvfp4-pack-quantized": torch.uint8,
+                "mxfp4-pack-quantized": torch.uint8}
 
 
 def _id(setting: dict) -> str:
@@ -210,6 +215,10 @@ def test_from_pretrained_gives_the_vcon_models_logits(kind, setting, tmp_path):
     config = quantization_config(tmp_path)
     expected_format = FORMAT_OF[setting.get("scheme", setting.get("format"))]
     assert config["format"] == expected_format and "sparsity_config" not in config
+    stored = tensors(tmp_path)
+    for name in get_vcon_state(model).targeted_module_names:  # the codes in the format's own type, not upcast
+        codes = stored.get(f"{name}.weight_packed", stored.get(f"{name}.weight"))
+        assert codes.dtype == STORED_DTYPE[expected_format], (name, codes.dtype)
     reloaded = loaded(kind, tmp_path)
     reference = model if compressor_of(**setting).quantizes_inputs else merged
     torch.testing.assert_close(logits(reloaded, kind), logits(reference, kind), atol=1e-5, rtol=0)
