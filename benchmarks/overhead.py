@@ -384,7 +384,7 @@ def run_setting(args) -> dict:
         mem = "–"
         if not args.no_memory and every == 1:
             mem = f"{measure_memory(args, name) / memory['dense']:.3f}"
-        target = TARGETS[name][1] if every == 1 else "(option)"
+        target = TARGETS.get(name, ("time", "(measured)"))[1] if every == 1 else "(option)"
         print(f"| {label} | {timing} | {mem} | {target} |", flush=True)
     if memory:
         print(f"\ndense peak training memory: {memory['dense'] / 2**20:.0f} MiB; memory target {MEMORY_TARGET}")
