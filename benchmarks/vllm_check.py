@@ -95,10 +95,13 @@ def pretrained_dense(folder: str):
 
 def vcon_trained(dense, setting: dict, folder: str):
     import copy
+
     from transformers import TrainingArguments
+
     from hf_vcon import VConConfig, VConTrainer
-    args = TrainingArguments(output_dir=folder, max_steps=VCON_STEPS, disable_tqdm=True, per_device_train_batch_size=16, learning_rate=5e-4,
-                             report_to=[], save_strategy="no", logging_steps=10, use_cpu=True, seed=0)
+    args = TrainingArguments(output_dir=folder, max_steps=VCON_STEPS, disable_tqdm=True, per_device_train_batch_size=16,
+                             learning_rate=5e-4, report_to=[], save_strategy="no", logging_steps=10, use_cpu=True,
+                             seed=0)
     config = VConConfig(method="quant", transition_steps=VCON_STEPS // 2, target_modules="all-linear", exclude_modules=["lm_head"],
                         **setting)
     trainer = VConTrainer(model=copy.deepcopy(dense), args=args, train_dataset=Sequences(1024, seed=1),
@@ -109,6 +112,7 @@ def vcon_trained(dense, setting: dict, folder: str):
 
 def train(out: str) -> None:
     import torch
+
     from hf_vcon import save_merged
     os.makedirs(out, exist_ok=True)
     started = time.time()

@@ -23,10 +23,18 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..errors import UnsupportedLayerError
-from .base import INTEGER_STRATEGIES, CompressionStats, IntegerScheme, IntegerWeight, WeightCompressor, beta_is_zero, lerp
+from . import quant_formats as formats
+from .base import (
+    INTEGER_STRATEGIES,
+    CompressionStats,
+    IntegerScheme,
+    IntegerWeight,
+    WeightCompressor,
+    beta_is_zero,
+    lerp,
+)
 from .options import CompressorOptions, check_choice, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
-from . import quant_formats as formats
 from .registry import register_compressor
 
 DEFAULT_GROUP_SIZE = 128

@@ -32,7 +32,15 @@ from ..utils.linears import (
 )
 from ..utils.modules import replace_module
 from ..utils.peft import check_not_inside_vcon
-from .protocol import COMPRESSED, DENSE, ForwardAudit, StraightThroughLinear, StraightThroughWeight, VConUnit, keep_in_graph
+from .protocol import (
+    COMPRESSED,
+    DENSE,
+    ForwardAudit,
+    StraightThroughLinear,
+    StraightThroughWeight,
+    VConUnit,
+    keep_in_graph,
+)
 
 
 class StraightThroughInputs(torch.autograd.Function):

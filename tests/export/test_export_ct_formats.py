@@ -12,19 +12,19 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from architectures import by_key
 from conftest import DTYPE_KEY, build, logits, tiny_inputs
-from hf_vcon import VConConfig, apply_vcon, get_vcon_state, merge_and_unload, save_merged, set_beta
 from test_export_ct import AUTO, load, model_of, tensors
+from transformers import AutoModelForCausalLM
+
+from hf_vcon import VConConfig, apply_vcon, get_vcon_state, merge_and_unload, save_merged, set_beta
 
 pytest.importorskip("compressed_tensors")
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
-from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA  # noqa: E402
-from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-from hf_vcon.compressors import quant_formats  # noqa: E402
+from hf_vcon.compressors import quant_formats
 
 WEIGHT_ONLY = [dict(format="fp8"), dict(format="fp8", strategy="tensor"), dict(format="nvfp4"), dict(format="mxfp4"),
                dict(scheme="NVFP4A16"), dict(scheme="MXFP4A16"), dict(scheme="W4A16", group_size=16)]
