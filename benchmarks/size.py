@@ -41,6 +41,12 @@ CT_SETTINGS = {
     "int3, group-128 scales": (dict(method="quant", bits=3, strategy="group", group_size=128), "≈ 0.10"),
     "int2, channel scales": (dict(method="quant", bits=2, strategy="channel"), "≈ 0.07"),
     "binary (as int2, tensor scale)": (dict(method="binary"), "≈ 0.07"),
+    # the float formats: FP8 one byte per weight; NVFP4 half a byte + an FP8 scale per 16 (+ a float32 global scale);
+    # MXFP4 half a byte + an E8M0 byte per 32
+    "FP8_DYNAMIC (fp8 e4m3, channel scales)": (dict(method="quant", scheme="FP8_DYNAMIC"), "≈ 0.25"),
+    "W8A8 (int8, channel scales)": (dict(method="quant", scheme="W8A8"), "≈ 0.25"),
+    "NVFP4A16 (e2m1, fp8 scales per 16)": (dict(method="quant", scheme="NVFP4A16"), "≈ 0.14"),
+    "MXFP4A16 (e2m1, e8m0 scales per 32)": (dict(method="quant", scheme="MXFP4A16"), "≈ 0.133"),
 }
 
 
@@ -95,7 +101,8 @@ def main() -> None:
 
 
 def compressed_tensors_table(dense, dense_total: int) -> None:
-    print("\n# compressed-tensors (pack-quantized) checkpoints: save_merged(model, folder, format='compressed-tensors')\n")
+    print("\n# compressed-tensors checkpoints (pack-quantized, float-quantized, int-quantized, nvfp4/mxfp4-pack-quantized): "
+          "save_merged(model, folder, format='compressed-tensors')\n")
     print("| setting | targeted fp32 | targeted as stored | stored / fp32 | expected | whole folder | folder / dense |")
     print("|---|---|---|---|---|---|---|")
     for label, (kwargs, expected) in CT_SETTINGS.items():

@@ -68,7 +68,8 @@ def parse_overrides(overrides: Any, base: LayerSetting) -> tuple[tuple[str, Laye
     """``module_overrides`` as ``(pattern, setting)`` pairs, in order, each validated.
 
     An entry without ``"method"`` changes options of the base method (the others keep the base values); an entry
-    with another ``"method"`` starts from that method's defaults.
+    with another ``"method"``, or with an option that defines the whole setting (``scheme``), starts from that
+    method's defaults.
 
     Raises:
         TypeError / ValueError: naming ``module_overrides[<pattern>]`` and what is wrong.
@@ -99,6 +100,8 @@ def _override_setting(pattern: Any, values: Any, base: LayerSetting) -> LayerSet
         compressor_class(method)
     except ValueError as error:
         raise ValueError(where + str(error)) from None
-    if method == base.method:
+    # an option that defines the whole setting (quant's preset ``scheme``) starts from the method's defaults too
+    defining = getattr(compressor_class(method).Options, "defining_options", ())
+    if method == base.method and not any(name in values for name in defining):
         return LayerSetting(method, build_options(method, {**base.options.to_dict(), **values}, where))
     return LayerSetting(method, build_options(method, values, where))

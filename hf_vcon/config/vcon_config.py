@@ -48,7 +48,9 @@ class VConConfig:
         options: the method's options, as its ``Options`` dataclass or a dict. The options may also be given as
             keyword arguments, ``VConConfig(method="prune", sparsity=0.9)``; read them back as ``config.options``
             (or ``config.sparsity``). Built-in options: prune ``sparsity``, ``prune_pattern``; binary
-            ``binary_scale``; lowrank ``rank`` or ``rank_ratio``.
+            ``binary_scale``; lowrank ``rank`` or ``rank_ratio``; quant ``bits``, ``strategy``, ``group_size``,
+            ``format`` (int, fp8, nvfp4, mxfp4), ``activations`` (none, int8, fp8) or a compressed-tensors preset
+            name as ``scheme`` (``VConConfig(method="quant", scheme="NVFP4A16")``).
         target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
             matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
             full module name; or ``"all-linear"`` (every Linear/Conv1D and fused expert weight of the base model;
@@ -56,7 +58,8 @@ class VConConfig:
         exclude_modules: modules to leave alone, in the same grammar (``"all-linear"`` excepted).
         module_overrides: per-module settings, like PEFT's ``rank_pattern``: a dict from a module-name pattern to
             a dict of options, and optionally another ``"method"``, e.g.
-            ``{r".*attention.*": {"sparsity": 0.5}, r".*intermediate.*": {"method": "lowrank", "rank_ratio": 0.25}}``.
+            ``{r".*attention.*": {"sparsity": 0.5}, r".*intermediate.*": {"method": "lowrank", "rank_ratio": 0.25}}``;
+            an entry naming a ``scheme`` starts from quant's defaults (``{r".*mlp.*": {"scheme": "NVFP4A16"}}``).
             A pattern is a regex matched against the full module name or a dotted suffix of it; the first pattern
             that matches a targeted module wins (dict order). Without ``"method"`` the other options keep the base
             values; with another method they start from its defaults. A pattern that matches no targeted module

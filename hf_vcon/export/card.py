@@ -182,18 +182,51 @@ def _usage_lines(model: nn.Module, repo_id: str, export_format: Optional[str]) -
                 "compressed-tensors package installed.", "", "```python", "# pip install compressed-tensors",
                 f"from transformers import {auto}", "",
                 f"model = {auto}.from_pretrained({repo_id!r}, dtype=\"auto\")  # transformers < 4.56: torch_dtype=",
-                "```", "", "vLLM serves it too (`vllm serve <repo>`), with its weight-only kernels for 4 and 8 bits "
-                "with channel or group scales; other widths and per-tensor scales load in transformers only."]
+                "```", "", *_scheme_lines(model, repo_id)]
     return ["## How to use", "", "No hf_vcon is needed: the folder is a plain transformers checkpoint.", "",
             "```python", f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({repo_id!r})", "```"]
 
 
-def _format_lines(export_format: str, summary: VConSummary, stored_bytes: Optional[tuple[int, int]]) -> list[str]:
+def _scheme_lines(model: nn.Module, repo_id: str) -> list[str]:
+    """The quantization schemes of the checkpoint and how vLLM serves them."""
+    schemes = sorted({_scheme_name(setting) for setting in require_state(model, "model_card").settings if setting.method == "quant"})
+    named = f"Quantization scheme{'s' if len(schemes) > 1 else ''}: {', '.join(schemes)}. " if schemes else ""
+    return [named + f"vLLM serves it (`vllm serve {repo_id}`): int4/int8 weight-only (W4A16, W8A16) with channel or "
+            "group scales, W8A8 (INT8 or FP8_DYNAMIC, activations quantized per token at run time), NVFP4 on GPUs "
+            "(no CPU kernel in vLLM 0.32), MXFP4; other integer widths and per-tensor int scales load in transformers "
+            "only."]
+
+
+def _integer_only(model: nn.Module) -> bool:
+    """No layer has a float format or quantized inputs: the checkpoint is pack-quantized."""
+    return not any(getattr(layer.compressor, "compressed_tensors_arguments", lambda: None)() is not None
+                   for layer in require_state(model, "model_card").layers)
+
+
+def _scheme_name(setting) -> str:
+    options = setting.options
+    if getattr(options, "scheme", None):
+        return options.scheme
+    activations = getattr(options, "activations", "none")
+    weights = {"int": f"int{options.bits}", "fp8": "FP8", "nvfp4": "NVFP4", "mxfp4": "MXFP4"}.get(
+        getattr(options, "format", "int"), "int")
+    return weights + ("" if activations == "none" else f" weights, {activations} activations")
+
+
+def _format_lines(export_format: str, summary: VConSummary, stored_bytes: Optional[tuple[int, int]],
+                  integer_only: bool = True) -> list[str]:
     """How the checkpoint stores the weights, and their measured sizes."""
     if export_format == "compressed-tensors":
-        lines = ["compressed-tensors (`quant_method: compressed-tensors`, `format: pack-quantized`): the quantized "
-                 "layers are stored as packed integer codes with their scales (`weight_packed`, `weight_scale`, "
-                 "`weight_shape`), every other tensor dense."]
+        if integer_only:
+            lines = ["compressed-tensors (`quant_method: compressed-tensors`, `format: pack-quantized`): the quantized "
+                     "layers are stored as packed integer codes with their scales (`weight_packed`, `weight_scale`, "
+                     "`weight_shape`), every other tensor dense."]
+        else:
+            lines = ["compressed-tensors (`quant_method: compressed-tensors`, `format` in config.json: int-quantized, "
+                     "float-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized, pack-quantized, or mixed-precision "
+                     "with one per config group): the quantized layers are stored as codes (int8 or FP8 weights, packed "
+                     "integers or FP4) with their scales (`weight_scale`, NVFP4's `weight_global_scale`), every other "
+                     "tensor dense."]
     else:
         lines = ["dense: every weight is a float tensor with the compressed values written in (zeros, ±α, q·s), so "
                  "plain transformers loads it with no other package."]
@@ -304,7 +337,8 @@ def model_card(
         "",
         summary.table(),
     ]
-    lines += ["", *_format_lines(details.export_format, summary, details.stored_bytes)] if details.export_format else []
+    lines += ["", *_format_lines(details.export_format, summary, details.stored_bytes,
+                                      _integer_only(inner))] if details.export_format else []
     lines += _training_lines(details)
     lines += ["", *_evaluation_lines(metrics, details)]
     if details.comparison:

@@ -1,4 +1,6 @@
-"""The merged compressed model as a compressed-tensors checkpoint (``format: pack-quantized``).
+"""The merged compressed model as a compressed-tensors checkpoint (``pack-quantized``, or the formats of FP8, NVFP4,
+MXFP4 and W8A8 layers: ``float-quantized``, ``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``, ``int-quantized``;
+``mixed-precision`` when layers differ).
 
 compressed-tensors is the checkpoint format of quantized weights in the Hugging Face stack: plain
 ``from_pretrained`` loads it (transformers' built-in compressed-tensors quantizer, with the package installed) and
@@ -64,8 +66,17 @@ def require_library() -> None:
 
 
 def integer_layer_names(state: VConState) -> list[str]:
-    """The compressed layers whose compression has an integer form."""
-    return [name for name, layer, _ in state.named_layers() if layer.compressor.integer_scheme() is not None]
+    """The compressed layers the format stores quantized: an integer form, or compressed-tensors arguments of their
+    own (:func:`_arguments`: float formats, quantized activations)."""
+    return [name for name, layer, _ in state.named_layers()
+            if layer.compressor.integer_scheme() is not None or _arguments(layer.compressor) is not None]
+
+
+def _arguments(compressor: Any) -> Optional[tuple]:
+    """compressed-tensors' (weights, input activations) arguments a compressor defines itself (FP8, NVFP4, MXFP4,
+    W8A8), or None: an integer scheme alone (written from its integer form)."""
+    arguments = getattr(compressor, "compressed_tensors_arguments", None)
+    return None if arguments is None else arguments()
 
 
 def packed_layer_names(state: VConState) -> list[str]:
@@ -142,10 +153,14 @@ def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str,
         warnings.warn(f"{len(dense)} quantized weights ({', '.join(dense[:3])}{', …' if len(dense) > 3 else ''}) are "
                       "no nn.Linear module of their own (fused experts, MultiheadAttention): they are written dense "
                       "in the compressed-tensors checkpoint, with their quantized values.", VConWarning, stacklevel=4)
-    config = _quantization_config(plain, schemes)
+    arguments = {name: _arguments(layers[name].compressor) for name in schemes}
+    arguments = {name: value for name, value in arguments.items() if value is not None}
+    config = _quantization_config(plain, schemes, arguments)
     apply_quantization_config(plain, config)
     _write_integer_weights(plain, state, source, schemes)
-    compressor = ModelCompressor.from_pretrained_model(plain, quantization_format="pack-quantized")
+    # pack-quantized for integer weights alone; else each group's format as the library infers it (mixed-precision
+    # when they differ)
+    compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=None if arguments else "pack-quantized")
     # The library infers ``ignore`` from the exact classes it quantized (FalconLinear), but the loader matches the
     # ``Linear`` target through subclasses: an untargeted nn.Linear it left out would load as packed random weights.
     compressor.quantization_config.ignore = _checkpoint_names(plain, config.ignore)
@@ -178,19 +193,23 @@ def _plain_model(model: nn.Module, merged: dict[str, torch.Tensor]) -> nn.Module
     return plain.eval()
 
 
-def _quantization_config(plain: nn.Module, schemes: dict[str, IntegerScheme]) -> Any:
-    """One config group per integer scheme (``targets: ["Linear"]`` when there is one), the other Linears ignored."""
+def _quantization_config(plain: nn.Module, schemes: dict[str, IntegerScheme], arguments: Optional[dict] = None) -> Any:
+    """One config group per scheme (``targets: ["Linear"]`` when there is one), the other Linears ignored.
+    ``arguments``: the (weights, inputs) arguments of the layers that define their own."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    by_scheme: dict[IntegerScheme, list[str]] = {}
+    arguments = arguments or {}
+    by_scheme: dict[str, tuple[Any, Any, list[str]]] = {}
     for name, scheme in schemes.items():
-        by_scheme.setdefault(scheme, []).append(name)
+        weights, inputs = arguments.get(name) or (
+            QuantizationArgs(num_bits=scheme.num_bits, type="int", symmetric=True, strategy=scheme.strategy,
+                             group_size=scheme.group_size), None)
+        key = weights.model_dump_json() + (inputs.model_dump_json() if inputs is not None else "")
+        by_scheme.setdefault(key, (weights, inputs, []))[2].append(name)
     groups = {}
-    for index, (scheme, names) in enumerate(by_scheme.items()):
-        arguments = QuantizationArgs(num_bits=scheme.num_bits, type="int", symmetric=True, strategy=scheme.strategy,
-                                     group_size=scheme.group_size)
+    for index, (weights, inputs, names) in enumerate(by_scheme.values()):
         targets = ["Linear"] if len(by_scheme) == 1 else names
-        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=arguments)
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
     ignore = [name for name, module in plain.named_modules() if _is_linear_target(module) and name not in schemes]
     return QuantizationConfig(config_groups=groups, ignore=ignore)
 
@@ -220,12 +239,25 @@ def _write_integer_weights(plain: nn.Module, state: VConState, source: dict, sch
             module = plain.get_submodule(name)
             if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
                 raise VConError(f"compressed-tensors did not attach a quantization scheme to {name!r}.")
+            if getattr(layer.compressor, "is_float", False):
+                _write_float_weight(module, layer.compressor, weight, params)
+                continue
             form = layer.compressor.integer_form(weight, params)
             module.weight_scale.copy_(form.scale.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.zero_()
             # The library derives the codes again as clamp(round(W / s)): from W = codes · s they come out unchanged.
             module.weight.copy_(form.codes.to(torch.float32) * form.expanded_scale())
+
+
+def _write_float_weight(module: nn.Module, compressor: Any, weight: torch.Tensor, params: dict) -> None:
+    """Set a float-format module's scales (and NVFP4's global scale) to VCON's and its weight to C (float32): the
+    library's quantizer derives the same FP8 / E2M1 codes from them (C / s is exactly a code)."""
+    for key, value in compressor.float_form(weight).items():
+        getattr(module, key).copy_(value.reshape(getattr(module, key).shape))
+    if hasattr(module, "weight_zero_point"):
+        module.weight_zero_point.zero_()
+    module.weight.copy_(compressor.compressed_weight(weight, params).to(torch.float32))
 
 
 @contextlib.contextmanager
@@ -262,6 +294,8 @@ def _layout_kwargs(plain: nn.Module, merged: dict[str, torch.Tensor]) -> dict[st
 def _to_original_dtypes(plain: nn.Module, merged: dict[str, torch.Tensor]) -> None:
     """Dense tensors back in the model's dtypes and each scale in its layer's (exact by construction), in place."""
     for key, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            continue  # codes and scales in the format's own type (FP8 weights, NVFP4's FP8 scales, E8M0 exponents)
         if key.endswith(".weight_scale"):
             dtype = merged[key[: -len("_scale")]].dtype
         elif key in merged and tensor.is_floating_point():

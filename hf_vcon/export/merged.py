@@ -224,7 +224,8 @@ def stored_sizes(output_dir: str, layer_names: list[str], model: Optional[nn.Mod
     attention.query`` for ``layers.0.attention.q_proj``)."""
     from safetensors import safe_open
 
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1}
     names = set(layer_names) | (set(checkpoint_names(model, layer_names)) if model is not None else set())
     prefixes = tuple(f"{name}." for name in names)  # a module, or a weight (experts)
     targeted = total = 0

@@ -10,7 +10,8 @@ with the merged state dict: equal weights give equal logits on every input.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 import transformers
@@ -28,13 +29,25 @@ def load_problem(model_class: type, folder: str, merged: dict[str, torch.Tensor]
     """
     dtype = next((tensor.dtype for tensor in merged.values() if tensor.is_floating_point()), torch.float32)
     try:
-        loaded = model_class.from_pretrained(folder, **{_DTYPE_KEY: dtype})
+        with _one_process():
+            loaded = model_class.from_pretrained(folder, **{_DTYPE_KEY: dtype})
     except Exception as error:  # any failure of transformers' loader means the folder does not load
         return f"transformers cannot load it ({type(error).__name__}: {_first_line(error)})"
     try:
         return _mismatch(loaded, merged)
     except Exception as error:
         return f"its quantized weights cannot be unpacked after loading ({type(error).__name__}: {_first_line(error)})"
+
+
+def _one_process() -> ContextManager:
+    """Load as one process even inside a distributed run: only the main process saves and checks, and
+    compressed-tensors (0.20+) would otherwise share the decompression across ranks with collectives the other ranks
+    never join (a hang)."""
+    try:
+        from compressed_tensors.offload import as_single_threaded
+    except ImportError:  # releases without distributed loading
+        return contextlib.nullcontext()
+    return as_single_threaded()
 
 
 def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[str]:

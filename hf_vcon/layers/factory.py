@@ -16,6 +16,7 @@ from typing import Union
 from torch import nn
 
 from ..compressors import Compressor
+from ..errors import UnsupportedLayerError
 from ..utils.linears import LINEAR_TYPES, linear_shape
 from .linear import VConLinear
 from .weight import VConWeight
@@ -78,14 +79,24 @@ def make_unit(model: nn.Module, name: str, compressor: Compressor, recompute_eve
     return unit
 
 
+def _check_inputs_quantizable(name: str, compressor: Compressor) -> None:
+    """A parametrized weight is multiplied by model code, where no VCON layer sees (and quantizes) its input."""
+    if getattr(compressor, "quantizes_inputs", False):
+        raise UnsupportedLayerError(
+            f"{name!r} is a weight the model multiplies itself (fused experts, attention projections): its inputs "
+            f"cannot be quantized; give it activations='none' (module_overrides) or leave it out (exclude_modules).")
+
+
 def _new_unit(model: nn.Module, name: str, compressor: Compressor, recompute_every: int) -> Unit:
     owner, param = _resolve(model, name)
     if param:
+        _check_inputs_quantizable(name, compressor)
         return VConWeight(owner, param, compressor, transposed=getattr(owner, "is_transposed", False) and
                           getattr(owner, param).dim() == 3, recompute_every=recompute_every)
     if not isinstance(owner, LINEAR_TYPES):
         raise TypeError(f"{name!r} is a {type(owner).__name__}, not a Linear/Conv1D or a fused weight.")
     parent = _parent(model, name) if "." in name else model
     if isinstance(owner, nn.Linear) and reads_weight_directly(type(parent), name.rpartition(".")[2]):
+        _check_inputs_quantizable(name, compressor)
         return VConWeight(owner, "weight", compressor, recompute_every=recompute_every)
     return VConLinear(owner, compressor, recompute_every=recompute_every)

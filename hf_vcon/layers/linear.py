@@ -5,7 +5,7 @@ For a linear layer the blend of outputs is a blend of weights (the bias is share
 never two forward passes, and never swaps ``weight.data``.
 
 Cost (see ``benchmarks/overhead.py``): for compressions recomputed from W (prune, binary) what C needs besides W
-(the pruning cut, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
+(the pruning mask, the scale) is computed once per optimizer step, by :func:`hf_vcon.set_step`, and cached; the effective weight is rebuilt in
 backward instead of being kept alive between forward and backward (under autocast its 16-bit copy is kept, as
 autocast keeps a plain Linear's). Once β = 0 a low-rank layer computes only
 ``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..compressors import Compressor
+from ..compressors.base import lerp
 from ..utils.linears import (
     LINEAR_TYPES,
     is_conv1d,
@@ -30,7 +32,28 @@ from ..utils.linears import (
 )
 from ..utils.modules import replace_module
 from ..utils.peft import check_not_inside_vcon
-from .protocol import COMPRESSED, DENSE, ForwardAudit, StraightThroughLinear, VConUnit, keep_in_graph
+from .protocol import (
+    COMPRESSED,
+    DENSE,
+    ForwardAudit,
+    StraightThroughLinear,
+    StraightThroughWeight,
+    VConUnit,
+    keep_in_graph,
+)
+
+
+class StraightThroughInputs(torch.autograd.Function):
+    """Q(x), the compressor's activation quantization, whose gradient reaches x unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, compressor, module):
+        with torch.no_grad():
+            return compressor.quantize_inputs(x, module)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 class VConLinear(VConUnit):
@@ -94,11 +117,13 @@ class VConLinear(VConUnit):
         if self.phase == DENSE:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)
+        if getattr(self.compressor, "quantizes_inputs", False):
+            return self._blend_with_quantized_inputs(x)
         if self.compressor.trains_straight_through:  # β·W + (1−β)·C(W), one matmul, gradient straight through to W
             # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
             # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
             flat = StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
-                                               self.compression_state(), self.compressor, self.blend_weight(),
+                                               self.unit_state(), self.compressor, self.blend_weight(),
                                                self.kept_only)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()
@@ -106,6 +131,16 @@ class VConLinear(VConUnit):
             output = self.compressor.compressed_forward(x, params, self.bias)
             return keep_in_graph(output, [self.weight] if self.training else [])
         return self.compressor.blended_forward(x, self.latent_weight(), params, self.bias, self.vcon_beta)
+
+    def _blend_with_quantized_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """β·f(x) + (1−β)·g(x) with g(x) = C·Q(x) + b: a blend of outputs, since Q acts on g's input alone (two
+        matmuls while 0 < β < 1, one at β = 0); C(W) and Q(x) both straight-through."""
+        latent = self.latent_weight()
+        compressed = StraightThroughWeight.apply(latent, self.unit_state(), self.compressor, 0.0, False, False)
+        output = F.linear(StraightThroughInputs.apply(x, self.compressor, self.base_layer), compressed, self.bias)
+        if self.phase == COMPRESSED:
+            return output
+        return lerp(output, F.linear(x, latent, self.bias), self.vcon_beta)  # β as a device tensor: no sync
 
     # ---------------------------------------------------------------- the unit's tensors, for the exports
     def state_keys(self, name: str) -> tuple[str, dict[str, str]]:

@@ -85,10 +85,9 @@ class VConWeight(VConUnit):
         if self.phase == DENSE:
             return keep_in_graph(original, list(params.values())) if self.training else original
         if self.compressor.trains_straight_through:
-            stacked = latent if self.stacked else latent.unsqueeze(0)
-            blended = StraightThroughWeight.apply(stacked, self.compression_states(latent), self.compressor,
-                                                  self.blend_weight(), self.kept_only)
-            return self._stored(blended if self.stacked else blended[0])
+            blended = StraightThroughWeight.apply(latent, self.unit_state(latent), self.compressor, self.blend_weight(),
+                                                  self.kept_only, not self.whole_state)
+            return self._stored(blended)
         compressed = self._stack([self.compressor.compose(self.slice_params(index, params))
                                   for index in range(self.num_slices)])
         if self.phase == COMPRESSED:

@@ -25,6 +25,7 @@ from ..patching.state import get_vcon_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.verbs import apply_vcon, get_beta, release_dense_paths, set_step
 from ..utils.logs import is_training_log
+from .resume import restore_frozen_states, save_frozen_states
 from ..utils.modules import unwrap_model
 
 
@@ -74,6 +75,8 @@ class VConCallback(TrainerCallback):
         self._summary_version: Optional[int] = None
         self._released = False
         self._last_step: Optional[int] = None
+        self._beta = 1.0
+        self.resume_dir: Optional[str] = None  # the checkpoint a run resumes from, when the trainer knows it
         self.evaluates_compressed = False  # VConTrainer reports eval_compressed_* and compares checkpoints by them
 
     # ------------------------------------------------------------------------------------------ setup
@@ -126,6 +129,11 @@ class VConCallback(TrainerCallback):
             self.summary = None
         self._last_step = None
         self._released = False
+        if state.global_step > 0 and self.vcon_config.recompute_every > 1:
+            # the resumed window's states, as the interrupted run held them (a plain Trainer does not tell callbacks
+            # where it resumed from: the checkpoint of this step in output_dir is the one it picks by default)
+            default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            restore_frozen_states(self.model, self.resume_dir or default)
         self.update(state.global_step, state.max_steps)
         if state.global_step < state.max_steps:
             warn_if_transition_outlasts_run(self.vcon_config, state.max_steps, stacklevel=4)
@@ -140,11 +148,12 @@ class VConCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------- β
     def update(self, step: int, max_steps: Optional[int]) -> float:
-        """Set β for optimizer step ``step`` (a no-op when the step has not changed); return the current β."""
+        """Set β for optimizer step ``step`` (a no-op when the step has not changed: every micro-batch of a window
+        calls it, and it then touches no layer); return the current β."""
         if step != self._last_step:
-            set_step(self.model, step, max_steps)
+            self._beta = set_step(self.model, step, max_steps)
             self._last_step = step
-        return get_beta(self.model)
+        return self._beta
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         beta = self.update(state.global_step, state.max_steps)
@@ -160,7 +169,9 @@ class VConCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------- saving
     def on_save(self, args, state, control, **kwargs):
         if args.should_save and self.model is not None:
-            write_checkpoint_config(self.model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            write_checkpoint_config(self.model, checkpoint_dir)
+            save_frozen_states(self.model, checkpoint_dir)
 
     def on_train_end(self, args, state, control, processing_class=None, **kwargs):
         self.update(state.global_step, state.max_steps)  # the model as it stands after the last update

@@ -141,6 +141,7 @@ class VConTrainer(DistillationMixin, Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
             verify_checkpoint(os.fspath(checkpoint), self.model)
+        self.vcon_callback.resume_dir = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
