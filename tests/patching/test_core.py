@@ -368,12 +368,13 @@ def test_a_group_size_that_does_not_divide_a_layer_errs_when_named_and_stays_den
 
     setting = dict(method="quant", bits=4, strategy="group", group_size=64)  # BERT: in_features 32 and 64
     model = build("bert")
-    with pytest.raises(UnsupportedLayerError, match=r"group_size=64 does not divide in_features=32 of layer "
+    with pytest.raises(UnsupportedLayerError, match=r"group_size=64 do(es)? not divide in_features=32 of layer "
                                                      r"'bert.encoder.layer.0.attention.self.query'"):
         apply_vcon(model, VConConfig(target_modules=["query", "output.dense"], **setting))
     assert get_vcon_state(model) is None
-    with pytest.warns(VConWarning, match=r"all-linear': \d+ layer\(s\) cannot take their compression and stay dense "
-                                         r"\(bert.encoder.layer.0.attention.self.query: quant: group_size=64 does not"):
+    with pytest.warns(VConWarning, match=r"all-linear': \d+ layer\(s\) cannot take their compression and stay "
+                                         r"dense \(bert.encoder.layer.0.attention.self.query: quant: .*group_size=64 "
+                                         r"do(es)? not"):
         apply_vcon(model, VConConfig(**setting))
     targeted = get_vcon_state(model).targeted_module_names
     assert targeted and all(model.get_submodule(name).in_features % 64 == 0 for name in targeted)
