@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# FSDP2, FSDP1 (use_orig_params) and DeepSpeed ZeRO-3 through VConTrainer + `accelerate launch`, and FSDP1/FSDP2
-# without the Trainer, on one CUDA GPU: the `gpu`-marked tests of tests/training/test_distributed.py. Under 5 minutes.
+# FSDP2, FSDP1 (use_orig_params) and DeepSpeed ZeRO-3 through VConTrainer + `accelerate launch`, ZeRO-3 on the
+# units a module's forward reads directly (fused MoE experts, nn.MultiheadAttention), and FSDP1/FSDP2 without the
+# Trainer, on one CUDA GPU: the `gpu`-marked tests of tests/training/test_distributed.py. Under 5 minutes.
 #
 #   bash benchmarks/distributed_gpu_check.sh            # from the repository root, on a machine with a GPU
 #

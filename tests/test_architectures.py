@@ -19,7 +19,9 @@ import torch
 import transformers
 
 from architectures import BF16_KEYS, CASES
+from conftest import FLOAT32
 from hf_vcon.compressors.structured.couplings import couplings_for
+from hf_vcon.export.merged import stored_sizes
 from hf_vcon import (
     NoTargetModulesError,
     VConConfig,
@@ -29,6 +31,7 @@ from hf_vcon import (
     get_vcon_state,
     load_compressed,
     merge_and_unload,
+    merged_state_dict,
     save_compressed,
     save_merged,
     set_beta,
@@ -264,7 +267,8 @@ def test_quantized_model_saves_a_folder_that_loads_to_the_merged_model(case, tmp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         save_merged(model, tmp_path)
-    reloaded = getattr(transformers, case.reload_class).from_pretrained(tmp_path).eval()
+    # transformers 4.x loads a quantized checkpoint in float16 unless told otherwise
+    reloaded = getattr(transformers, case.reload_class).from_pretrained(tmp_path, **FLOAT32).eval()
     assert_same(output(reloaded, case, inputs), expected, "quantized folder reloaded")
     config = json.loads((tmp_path / "config.json").read_text())
     if "quantization_config" not in config:
@@ -273,3 +277,20 @@ def test_quantized_model_saves_a_folder_that_loads_to_the_merged_model(case, tmp
         assert said, f"{case.key} was saved dense without saying why"
         assert any("does not load back" in message or any(reason in message for reason in CT_REFUSED)
                    for message in said), said
+    assert_card_sizes(model, tmp_path, tmp_path / "dense")
+
+
+def assert_card_sizes(model, written, dense) -> None:
+    """The model card's sizes (:func:`~hf_vcon.export.merged.stored_sizes`) find every targeted layer in the folder,
+    whatever names transformers saved them under: in a dense folder exactly the merged weights' bytes, in a
+    compressed-tensors folder fewer."""
+    names = get_vcon_state(model).targeted_module_names
+    merged = merged_state_dict(model)
+    weights = sum(merged[get_vcon_state(model).layers[index].merged_key(name)].numel() * 4
+                  for index, name in enumerate(names))
+    save_merged(model, dense, format="dense")
+    targeted, total = stored_sizes(str(dense), names, model)
+    assert targeted == weights and total > targeted, (targeted, weights, total)
+    if "quantization_config" in json.loads((written / "config.json").read_text()):
+        targeted, total = stored_sizes(str(written), names, model)
+        assert 0 < targeted < weights and total > targeted, (targeted, weights, total)

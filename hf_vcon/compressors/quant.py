@@ -51,8 +51,9 @@ class QuantOptions(CompressorOptions):
         None, "one scale per tensor, per channel (output row, the default), or per group of group_size inputs of a "
         "row (int; nvfp4 and mxfp4 are always grouped)")
     group_size: Optional[int] = option(
-        None, "inputs per scale with strategy group (must divide every targeted in_features; int: default 128; "
-        "nvfp4: 16, mxfp4: 32, fixed)")
+        None, "inputs per scale with strategy group (int: default 128; nvfp4: 16, mxfp4: 32, fixed); a layer whose "
+        "in_features it does not divide is an error when targeted by name, and stays dense with a warning under "
+        "target_modules='all-linear'")
     clip_search: bool = option(
         False, "choose each scale's clipping range (0.5 to 1 of max|W|) by least squared error instead of absmax (int)")
     format: str = option("int", "the weights' numbers: int, fp8 (E4M3), nvfp4 (E2M1, FP8 scales per 16, global "

@@ -224,11 +224,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape; the teacher must have the student's outputs.")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float().to(student_logits.device) / temperature, dim=-1)
-    p_teacher = log_p_teacher.exp()
-    per_class = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
-    per_item = per_class.sum(-1) * temperature**2
+    if teacher_logits.requires_grad:  # a teacher trained too: let autograd differentiate both sides
+        per_item = _kd_per_item(student_logits, teacher_logits.to(student_logits.device), temperature)
+    else:
+        per_item = _ChunkedKD.apply(student_logits, teacher_logits, float(temperature))
     if mask is not None:
         per_item = torch.where(mask.to(per_item.device), per_item, 0.0)
     if reduction == "none":
@@ -238,6 +237,61 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         return total
     count = per_item.numel() if mask is None else mask.sum()
     return total / torch.clamp(torch.as_tensor(count, device=total.device), min=1)
+
+
+def _kd_per_item(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T²·KL(p_t ‖ p_s)`` per item in float32 (teacher logits on the student's device)."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    return torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(-1) * temperature**2
+
+
+# Items per chunk: at most this many logits at a time, and at most an eighth of the items, so that the float32
+# temporaries of a chunk stay well under one logits-sized tensor.
+_CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNKS = 8
+
+
+def _chunks(items: int, classes: int) -> list[slice]:
+    size = max(1, min(_CHUNK_ELEMENTS // max(classes, 1), math.ceil(items / _MIN_CHUNKS)))
+    return [slice(start, start + size) for start in range(0, items, size)]
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """``T²·KL(p_t ‖ p_s)`` per item of ``(..., classes)`` logits, a chunk of items at a time, saving nothing for
+    backward but the logits themselves: its gradient ``T·(p_s − p_t)`` (times the incoming gradient) is recomputed
+    chunk by chunk. Beyond the inputs, the peak is the gradient (one logits-sized tensor, not a view, so that
+    autograd adds the task loss's gradient into it in place) and a chunk's float32 temporaries, where the plain
+    computation keeps several float32 logits-sized tensors alive."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        flat_student, flat_teacher = _items(student), _items(teacher)
+        per_item = torch.empty(flat_student.shape[0], dtype=torch.float32, device=student.device)
+        for part in _chunks(*flat_student.shape):
+            per_item[part] = _kd_per_item(flat_student[part], flat_teacher[part].to(student.device), temperature)
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature = temperature
+        return per_item.reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_per_item: torch.Tensor):
+        student, teacher = ctx.saved_tensors
+        temperature = ctx.temperature
+        flat_student, flat_teacher = _items(student), _items(teacher)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        flat_grad, flat_incoming = grad.view(flat_student.shape), grad_per_item.reshape(-1)
+        for part in _chunks(*flat_student.shape):
+            p_student = F.softmax(flat_student[part].float() / temperature, dim=-1)
+            p_teacher = F.softmax(flat_teacher[part].to(student.device).float() / temperature, dim=-1)
+            flat_grad[part] = p_student.sub_(p_teacher).mul_(flat_incoming[part, None] * temperature)
+        return grad, None, None
+
+
+def _items(logits: torch.Tensor) -> torch.Tensor:
+    """``(..., classes)`` logits as ``(items, classes)`` (a view where the layout allows)."""
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def distill_mask(logits: torch.Tensor, labels: Optional[torch.Tensor], shifts_labels: bool,

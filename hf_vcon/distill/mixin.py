@@ -36,6 +36,7 @@ from .teacher import (
     check_same_teacher,
     fingerprint,
     place_teacher,
+    shared_outputs,
     teacher_device,
     teacher_dtype_of,
 )
@@ -103,7 +104,9 @@ class DistillationMixin:
         config = self.distillation
         self.teacher_logits = TeacherLogits(config.teacher_logits, config.verify_teacher_logits) \
             if config.teacher_logits else None
+        self._shared_outputs = None
         if self.teacher is not None:
+            self._shared_outputs = shared_outputs(self.model, self.teacher, self.processing_class)
             place_teacher(self.teacher, config.teacher_device or self.args.device)
         shifts = getattr(self, "_loss_shifts_labels", None)  # transformers 5 decides it once; 4.x: the same rule
         self._shifts_labels = loss_shifts_labels(self.model) if shifts is None else bool(shifts)
@@ -187,6 +190,9 @@ class DistillationMixin:
         covered = None
         if "indices" in teacher:
             teacher["logits"], covered = self.teacher_logits.batch(teacher["indices"], inputs, student_logits)
+        if self._shared_outputs is not None:  # a padded vocabulary: the rows both have
+            student_logits = student_logits[..., :self._shared_outputs]
+            teacher["logits"] = teacher["logits"][..., :self._shared_outputs]
         if student_logits.shape[-1] < 2:
             raise VConError(f"Distillation needs class logits (a softmax over ≥ 2 outputs); this model outputs "
                             f"{student_logits.shape[-1]} (a regression head). Use alpha=0 with hidden_layers, or no "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config.targets import matches
-from ..errors import IncompatibleCheckpointError, VConError
+from ..errors import IncompatibleCheckpointError, VConError, VConWarning
 from ..patching.distributed import is_zero3_partitioned
 from ..patching.state import get_vcon_state
 from ..patching.verbs import unload
@@ -89,6 +90,54 @@ def build_teacher(config: DistillationConfig, model: Optional[nn.Module]) -> Opt
 def _shares_storage(first: nn.Module, second: nn.Module) -> bool:
     pointers = {p.data_ptr() for p in second.parameters() if p.numel()}
     return any(p.data_ptr() in pointers for p in first.parameters() if p.numel())
+
+
+def output_size(model: nn.Module) -> tuple[Optional[str], Optional[int]]:
+    """``("vocabulary", rows of the output embeddings)`` for a language model, ``("labels", num_labels)`` for a model
+    with a classification head, ``(None, None)`` where the model says neither."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        rows = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", (None,))[0]
+        return ("vocabulary", int(rows)) if rows else (None, None)
+    labels = getattr(model, "num_labels", None)
+    return ("labels", int(labels)) if isinstance(labels, int) else (None, None)
+
+
+def shared_outputs(student: nn.Module, teacher: nn.Module, tokenizer: Any = None) -> Optional[int]:
+    """How many leading logits the distillation compares: ``None`` (all) when the teacher's outputs are the
+    student's, the shared rows when one vocabulary is the other padded to another size (families pad differently).
+
+    A vocabulary of another size counts as padded when ``tokenizer`` (the trainer's ``processing_class``) shows that
+    every token it has fits in the shared rows; warns when the two models' configs name different tokenizers.
+
+    Raises:
+        VConError: when the outputs differ otherwise (another number of labels, another vocabulary).
+    """
+    student_kind, student_size = output_size(unwrap_model(student))
+    teacher_kind, teacher_size = output_size(unwrap_model(teacher))
+    _warn_other_tokenizer(unwrap_model(student), unwrap_model(teacher))
+    if None in (student_size, teacher_size) or student_kind != teacher_kind or student_size == teacher_size:
+        return None
+    shared = min(student_size, teacher_size)
+    tokens = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if student_kind == "vocabulary" and tokens is not None and tokens <= shared:
+        return shared
+    what = (f"vocabulary of {teacher_size} rows, the student's {student_size}" if student_kind == "vocabulary"
+            else f"{teacher_size} labels, the student's {student_size}")
+    hint = ("A teacher whose vocabulary is the student's padded to another size is accepted when the trainer's "
+            "processing_class shows that its tokens fit in the shared rows"
+            + (f" (this one has {tokens} tokens, more than {shared})" if tokens is not None else "")
+            if student_kind == "vocabulary" else "The teacher needs the student's head (the same labels)")
+    raise VConError(f"The teacher's outputs do not match the student's: its {what}. {hint}.")
+
+
+def _warn_other_tokenizer(student: nn.Module, teacher: nn.Module) -> None:
+    names = [getattr(getattr(model, "config", None), "tokenizer_class", None) for model in (student, teacher)]
+    if None not in names and names[0] != names[1]:
+        warnings.warn(f"The student's config names tokenizer {names[0]!r}, the teacher's {names[1]!r}: distillation "
+                      "compares logits token id by token id, which is only right when both use the same "
+                      "tokenizer.", VConWarning, stacklevel=4)
 
 
 def place_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:

@@ -164,7 +164,7 @@ def save_compressed_tensors(model: nn.Module, state: VConState, output_dir: str,
     # The library infers ``ignore`` from the exact classes it quantized (FalconLinear), but the loader matches the
     # ``Linear`` target through subclasses: an untargeted nn.Linear it left out would load as packed random weights.
     compressor.quantization_config.ignore = _checkpoint_names(plain, config.ignore)
-    with _one_process():
+    with one_process():
         compressor.compress_model(plain)
     _to_original_dtypes(plain, merged)
     plain.config.quantization_config = _quantization_config_entry(compressor)
@@ -261,20 +261,22 @@ def _write_float_weight(module: nn.Module, compressor: Any, weight: torch.Tensor
 
 
 @contextlib.contextmanager
-def _one_process():
-    """compressed-tensors compresses across ranks when torch.distributed is initialised, but only the saving process
-    exports here (the others would never join); keep it to this process."""
+def one_process():
+    """compressed-tensors compresses, unpacks and offloads across ranks when torch.distributed is initialised, but
+    only the saving process exports here (the others would never join); keep it to this process."""
     from compressed_tensors.compressors.model_compressors import model_compressor
 
-    original = getattr(model_compressor, "is_distributed", None)
-    if original is None:
+    with contextlib.ExitStack() as stack:
+        try:  # 0.20: the library's own switch (offload caches, unpacking on load)
+            from compressed_tensors.offload.utils import as_single_threaded
+            stack.enter_context(as_single_threaded())
+        except ImportError:
+            pass
+        original = getattr(model_compressor, "is_distributed", None)
+        if original is not None:
+            model_compressor.is_distributed = lambda: False
+            stack.callback(setattr, model_compressor, "is_distributed", original)
         yield
-        return
-    model_compressor.is_distributed = lambda: False
-    try:
-        yield
-    finally:
-        model_compressor.is_distributed = original
 
 
 def _layout_kwargs(plain: nn.Module, merged: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -16,7 +16,9 @@ main process instead of the sharded tensors the modules hold.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -192,7 +194,8 @@ def _save_verified_compressed_tensors(model: nn.Module, state, output_dir: str, 
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".hf_vcon-") as folder:
         export_ct.save_compressed_tensors(model, state, folder, source, merged, **save_kwargs)
-        problem = load_problem(export_ct.architecture_class(model), folder, merged)
+        with export_ct.one_process():  # only this process saves: the others are not there to join a collective
+            problem = load_problem(export_ct.architecture_class(model), folder, merged)
         if problem is None:
             os.makedirs(output_dir, exist_ok=True)
             for file in os.listdir(folder):
@@ -206,13 +209,25 @@ def _save_verified_compressed_tensors(model: nn.Module, state, output_dir: str, 
     return DENSE
 
 
-def stored_sizes(output_dir: str, layer_names: list[str]) -> tuple[int, int]:
+def written_format(output_dir: str) -> str:
+    """The format of the merged checkpoint in ``output_dir``: ``"compressed-tensors"`` when its ``config.json`` has a
+    compressed-tensors ``quantization_config``, ``"dense"`` otherwise."""
+    with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as handle:
+        entry = json.load(handle).get("quantization_config") or {}
+    return COMPRESSED_TENSORS if entry.get("quant_method") == "compressed-tensors" else DENSE
+
+
+def stored_sizes(output_dir: str, layer_names: list[str], model: Optional[nn.Module] = None) -> tuple[int, int]:
     """Bytes of the tensors of ``layer_names`` (weights, packed codes, scales…) and of all tensors, as stored in the
-    safetensors files of ``output_dir`` (read from their headers)."""
+    safetensors files of ``output_dir`` (read from their headers). With ``model``, the layers are also found under
+    the names transformers 5 saves them with where it writes an older layout (ViT's ``encoder.layer.0.attention.
+    attention.query`` for ``layers.0.attention.q_proj``)."""
     from safetensors import safe_open
 
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
-    names, prefixes = set(layer_names), tuple(f"{name}." for name in layer_names)  # a module, or a weight (experts)
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1}
+    names = set(layer_names) | (set(checkpoint_names(model, layer_names)) if model is not None else set())
+    prefixes = tuple(f"{name}." for name in names)  # a module, or a weight (experts)
     targeted = total = 0
     for file in sorted(os.listdir(output_dir)):
         if not file.endswith(".safetensors"):
@@ -227,3 +242,38 @@ def stored_sizes(output_dir: str, layer_names: list[str]) -> tuple[int, int]:
                 if (key in names or key.startswith(prefixes)) and key.rsplit(".", 1)[-1] != "bias":
                     targeted += size
     return targeted, total
+
+
+def checkpoint_names(model: nn.Module, layer_names: list[str]) -> list[str]:
+    """The names transformers 5's ``save_pretrained`` stores the weights of ``layer_names`` under where it reverts the
+    model's weight conversions (renamed modules, fused experts split per expert); ``layer_names`` where it does not."""
+    inner = unwrap_model(model)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: only vision-language models are saved under other names
+        return [_legacy_name(inner, name) for name in layer_names]
+    layers = _layers_by_name(inner)
+    # Shapes without data: the conversions split and rename tensors, they never read them.
+    probe = {layers[name].merged_key(name): torch.empty(tuple(layers[name].weight.shape), device="meta")
+             for name in layer_names if name in layers}
+    try:
+        reverted = revert_weight_conversion(inner, probe)
+    except Exception:  # a conversion that needs tensors beside the targeted ones: the model's own names
+        return list(layer_names)
+    return [key.removesuffix(".weight") for key in reverted]
+
+
+def _legacy_name(model: nn.Module, name: str) -> str:
+    """``name`` as transformers 4.x saves it: its ``_checkpoint_conversion_mapping`` reversed, the first pattern
+    that matches applied (as its ``save_pretrained`` does)."""
+    for pattern, replacement in {value: key for key, value in
+                                 (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items()}.items():
+        renamed, count = re.subn(pattern, re.sub(r"\(.*\)", "", replacement.lstrip("^")), name)
+        if count:
+            return renamed
+    return name
+
+
+def _layers_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    state = require_state(model, "stored_sizes")
+    return dict(zip(state.targeted_module_names, state.layers))

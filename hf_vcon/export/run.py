@@ -24,7 +24,7 @@ from ..patching.summary import VConSummary
 from ..patching.transitions import transition_of
 from ..utils.logs import saved_model_metrics
 from .card import CardDetails, model_card
-from .merged import AUTO, resolve_export_format, save_merged, stored_sizes
+from .merged import AUTO, resolve_export_format, save_merged, stored_sizes, written_format
 from .speed import measure_speedup
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -106,9 +106,10 @@ def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, 
     Call it on the process that saves; ``state_dict`` is the full state dict where modules hold shards.
     """
     warn_if_unfinished(model, stacklevel=4)
-    resolved = resolve_export_format(model, format)  # raises before anything is written
+    resolve_export_format(model, format)  # raises before anything is written
     os.makedirs(output_dir, exist_ok=True)
-    summary = save_merged(model, output_dir, state_dict=state_dict, format=resolved)
+    summary = save_merged(model, output_dir, state_dict=state_dict, format=format)
+    resolved = written_format(output_dir)  # "auto" falls back to dense where the compressed folder would not load
     state = require_state(model, "export")
     if state_dict is None and any(layer.compressor.changes_shapes for layer in state.layers):
         state.measured_speedup = measure_speedup(model)  # modules holding shards (FSDP, ZeRO-3) cannot run alone
@@ -116,7 +117,7 @@ def export_run(model: nn.Module, output_dir: str, *, training_args: Any = None, 
         processing_class.save_pretrained(output_dir)
     if training_args is not None:
         torch.save(training_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-    stored = stored_sizes(output_dir, state.targeted_module_names)
+    stored = stored_sizes(output_dir, state.targeted_module_names, model)
     write_card(model, output_dir, summary, trainer_state,
                details=card_details(trainer_state, training_args, export_format=resolved, stored_bytes=stored))
     return summary

@@ -23,9 +23,9 @@ _DTYPE_KEY = "dtype" if tuple(int(part) for part in transformers.__version__.spl
 def load_problem(model_class: type, folder: str, merged: dict[str, torch.Tensor]) -> Optional[str]:
     """Why plain ``model_class.from_pretrained(folder)`` does not give back ``merged`` (``None`` when it does).
 
-    The folder is loaded on the CPU in the dtype of ``merged``'s floating tensors, its quantized modules unpacked
-    one at a time and each tensor of ``merged`` compared with the loaded one, within one
-    unit in the last place of its dtype (the unpacked codes · scales are exact in float32).
+    The folder is loaded on the CPU in the dtype of ``merged``'s floating tensors, unpacked as its first forward
+    unpacks it and each tensor of ``merged`` compared with the loaded one, within one unit in the last place of its
+    dtype (the unpacked codes · scales are exact in float32). The check holds the merged model's size once more.
     """
     dtype = next((tensor.dtype for tensor in merged.values() if tensor.is_floating_point()), torch.float32)
     try:
@@ -51,41 +51,24 @@ def _one_process() -> ContextManager:
 
 
 def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[str]:
-    """Compare ``loaded`` with ``merged`` tensor by tensor, each packed module unpacked, compared and released in
-    turn: the check holds at most one unpacked layer beyond the packed model."""
-    different, checked = [], set()
-    for name, module in loaded.named_modules():
-        if getattr(module, "quantization_scheme", None) is None or not _is_compressed(module):
-            continue
-        _unpack(module)
-        key = f"{name}.weight" if name else "weight"
-        if key in merged and not _close(module.weight, merged[key]):
-            different.append(key)
-        checked.add(key)
-        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+    """Unpack ``loaded`` as its first forward would (compressed-tensors' ``decompress_model``, which also fails where
+    that forward would) and compare it with ``merged`` tensor by tensor."""
+    _unpack(loaded)
     actual = loaded.state_dict()
-    missing = [key for key in merged if key not in actual and key not in checked]
+    missing = [key for key in merged if key not in actual]
     if missing:
         return f"the loaded model has no {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
-    different += [key for key, tensor in merged.items() if key not in checked and not _close(actual[key], tensor)]
+    different = [key for key, tensor in merged.items() if not _close(actual[key], tensor)]
     if different:
         return (f"the loaded model's {', '.join(different[:3])}{' …' if len(different) > 3 else ''} differ from the "
                 "merged model's (the loader built them from something else than what was written)")
     return None
 
 
-def _is_compressed(module: nn.Module) -> bool:
-    """Packed codes (pack-quantized, FP4 formats), or codes stored as the weight itself (int8 of int-quantized, FP8 of
-    float-quantized)."""
-    weight = getattr(module, "weight", None)
-    return hasattr(module, "weight_packed") or (
-        weight is not None and (weight.dtype == torch.float8_e4m3fn or not weight.dtype.is_floating_point))
-
-
-def _unpack(module: nn.Module) -> None:
-    from compressed_tensors.compressors.base import decompress_module
-
-    decompress_module(module)
+def _unpack(loaded: nn.Module) -> None:
+    compressor = getattr(getattr(loaded, "hf_quantizer", None), "compressor", None)
+    if compressor is not None:
+        compressor.decompress_model(loaded)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:

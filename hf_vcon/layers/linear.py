@@ -5,7 +5,7 @@ For a linear layer the blend of outputs is a blend of weights (the bias is share
 never two forward passes, and never swaps ``weight.data``.
 
 Cost (see ``benchmarks/overhead.py``): for compressions recomputed from W (prune, binary) what C needs besides W
-(the pruning cut, the scale) is computed once per optimizer step and cached; the effective weight is rebuilt in
+(the pruning mask, the scale) is computed once per optimizer step, by :func:`hf_vcon.set_step`, and cached; the effective weight is rebuilt in
 backward instead of being kept alive between forward and backward (under autocast its 16-bit copy is kept, as
 autocast keeps a plain Linear's). Once β = 0 a low-rank layer computes only
 ``B(Ax)``; :func:`hf_vcon.release_dense_paths` then stops the dense W from receiving gradients.
@@ -123,7 +123,7 @@ class VConLinear(VConUnit):
             # On 2-D input: the function's output is then a fresh tensor, and a view of it (the caller's shape) may be
             # written in place, as wav2vec2's masking does; autograd forbids that on a custom function's own views.
             flat = StraightThroughLinear.apply(x.reshape(-1, x.shape[-1]), self.latent_weight(), self.bias,
-                                               self.compression_state(), self.compressor, self.blend_weight(),
+                                               self.unit_state(), self.compressor, self.blend_weight(),
                                                self.kept_only)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         params = self.compressed_params()
@@ -136,8 +136,7 @@ class VConLinear(VConUnit):
         """β·f(x) + (1−β)·g(x) with g(x) = C·Q(x) + b: a blend of outputs, since Q acts on g's input alone (two
         matmuls while 0 < β < 1, one at β = 0); C(W) and Q(x) both straight-through."""
         latent = self.latent_weight()
-        compressed = StraightThroughWeight.apply(latent.unsqueeze(0), [self.compression_state()], self.compressor,
-                                                 0.0, False)[0]
+        compressed = StraightThroughWeight.apply(latent, self.unit_state(), self.compressor, 0.0, False, False)
         output = F.linear(StraightThroughInputs.apply(x, self.compressor, self.base_layer), compressed, self.bias)
         if self.phase == COMPRESSED:
             return output

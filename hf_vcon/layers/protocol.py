@@ -21,6 +21,14 @@ from ..errors import VConError
 DENSE, BLENDING, COMPRESSED = "dense", "blending", "compressed"
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (``torch.compiler.is_compiling`` from torch 2.3 on)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        from torch._dynamo import is_compiling as check
+    return check()
+
+
 def phase_of(beta: float) -> str:
     """The phase a β puts a holder in: ``"dense"`` (β = 1: f alone), ``"compressed"`` (β = 0: g alone) or
     ``"blending"``."""
@@ -61,7 +69,7 @@ class HoldsBeta(nn.Module):
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         beta = self._buffers.get("vcon_beta")
-        if beta is not None and beta.dtype != torch.float32:  # model.half() / .to(bfloat16): β keeps its precision
+        if beta is not None:  # model.half(), .to(bfloat16), .to_empty(): β keeps its precision and its value
             self._buffers["vcon_beta"] = torch.full((), self._beta, dtype=torch.float32, device=beta.device)
         return result
 
@@ -116,7 +124,7 @@ class StraightThroughLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, latent, bias, state, compressor, beta: float, kept_only: bool):
         ctx.compressor, ctx.beta, ctx.kept_only, ctx.has_bias = compressor, beta, kept_only, bias is not None
-        ctx.state = state  # a cut, mask or scale computed without autograd: neither an input nor an output
+        ctx.state = state  # a mask or scale computed without autograd: neither an input nor an output
         ctx.x_dtype = x.dtype
         with torch.no_grad():
             weight = compressor.blend(latent, state, beta)
@@ -148,23 +156,29 @@ class StraightThroughLinear(torch.autograd.Function):
 
 
 class StraightThroughWeight(torch.autograd.Function):
-    """β·W + (1−β)·C(W) slice by slice (``latent`` is ``(slices, out, in)``) from the cached states; the gradient
-    reaches W unchanged, or only where C keeps W when ``kept_only``."""
+    """β·W + (1−β)·C(W) from the cached state; the gradient reaches W unchanged, or only where C keeps W when
+    ``kept_only``. ``per_slice``: ``latent`` is ``(slices, out, in)`` and ``state`` one state per slice (a compressor
+    that takes no leading dimensions); else ``state`` is the state of the whole ``latent``, in one call."""
 
     @staticmethod
-    def forward(ctx, latent, states, compressor, beta: float, kept_only: bool):
-        ctx.states, ctx.compressor, ctx.kept_only = states, compressor, kept_only
+    def forward(ctx, latent, state, compressor, beta, kept_only: bool, per_slice: bool):
+        ctx.state, ctx.compressor, ctx.kept_only, ctx.per_slice = state, compressor, kept_only, per_slice
         ctx.save_for_backward(latent)
         with torch.no_grad():
-            return torch.stack([compressor.blend(w, state, beta) for w, state in zip(latent, states)])
+            if not per_slice:
+                return compressor.blend(latent, state, beta)
+            return torch.stack([compressor.blend(w, slice_state, beta) for w, slice_state in zip(latent, state)])
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.kept_only:
             (latent,) = ctx.saved_tensors
-            masks = [ctx.compressor.kept_mask(w, state) for w, state in zip(latent, ctx.states)]
-            grad = grad * torch.stack(masks)
-        return grad, None, None, None, None
+            if ctx.per_slice:
+                kept = torch.stack([ctx.compressor.kept_mask(w, state) for w, state in zip(latent, ctx.state)])
+            else:
+                kept = ctx.compressor.kept_mask(latent, ctx.state)
+            grad = grad * kept
+        return grad, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------------- the unit
@@ -190,12 +204,14 @@ class VConUnit(HoldsBeta):
         self.kept_only = kept_only
         self.optimizer_step: Optional[int] = None  # set by hf_vcon.set_step; keys the compression-state cache
         self.dense_released = False  # set by hf_vcon.release_dense_paths
-        self._states: Optional[list] = None
+        self._states: Any = None  # see unit_state
         self._state_key: Optional[tuple] = None
+        self._driven = False  # set_step refreshes the state at every step
         self._memos: list[dict] = []  # the compressor's hints from one step to the next, one per slice
 
     def _register_compressed_params(self, latent: torch.Tensor, trainable: bool) -> None:
         """Register the compressor's initial tensors of g as ``vcon_<key>`` (stacked over slices)."""
+        self._latent_shape = tuple(latent.shape)
         initial = [self.compressor.init_params(weight) for weight in self._slices(latent.detach())]
         for key in initial[0]:
             tensor = torch.stack([params[key] for params in initial]) if self.stacked else initial[0][key]
@@ -205,6 +221,11 @@ class VConUnit(HoldsBeta):
     def latent_weight(self) -> torch.Tensor:
         """W in Linear orientation, ``(out, in)`` or ``(experts, out, in)``."""
         raise NotImplementedError
+
+    def fetched_with(self) -> nn.Module:
+        """The module whose forward reads W and this unit's ``vcon_*`` tensors together: a sharding engine that
+        gathers a module's parameters for its forward (DeepSpeed ZeRO-3) must gather this one whole."""
+        return self
 
     @property
     def num_slices(self) -> int:
@@ -255,20 +276,78 @@ class VConUnit(HoldsBeta):
         return False, ("version", self.optimizer_step, weight._version, weight.data_ptr(), id(self.compressor),
                        self.compressor.state_token())
 
-    def compression_states(self, weight: Optional[torch.Tensor] = None) -> list:
-        """What C(W) needs besides W, one entry per slice (prune: the cut or keep-mask; binary: the scale), cached
-        under :meth:`state_cache_key`."""
+    @property
+    def whole_state(self) -> bool:
+        """The compressor takes W with its leading (expert) dimension: one state for the whole weight, one call."""
+        return not self.stacked or getattr(self.compressor, "accepts_leading_dims", False)
+
+    def needs_state(self) -> bool:
+        """Whether the forward reads a compression state now (straight-through compressions once β < 1)."""
+        return self.compressor.trains_straight_through and self.phase != DENSE
+
+    def unit_state(self, weight: Optional[torch.Tensor] = None) -> Any:
+        """The state the forward reads: of the whole W (:attr:`whole_state`), else a list with one per slice; cached
+        under :meth:`state_cache_key`, computed when the key changed.
+
+        :func:`hf_vcon.set_step` refreshes every layer's state once per optimizer step (:meth:`refresh_state`,
+        batched across layers), so the forward finds it ready. Under ``torch.compile`` the forward reads the cache
+        without checking its key (nothing of the check is traceable), which :func:`~hf_vcon.set_step` keeps fresh.
+        """
+        if _compiling() and self._states is not None and self._driven:
+            return self._states
         weight = self.latent_weight() if weight is None else weight
         frozen, key = self.state_cache_key(weight)
         if self._states is None or self._state_key != key:
-            slices = self._slices(weight.detach())
-            if len(self._memos) != len(slices):
-                self._memos = [{} for _ in slices]
-            with torch.no_grad():
-                self._states = [self.compressor.compression_state(w, memo, frozen=frozen)
-                                for w, memo in zip(slices, self._memos)]
-            self._state_key = key
+            self._set_state(self._computed_state(weight.detach(), frozen), key)
         return self._states
+
+    def _computed_state(self, weight: torch.Tensor, frozen: bool) -> Any:
+        if len(self._memos) != self.num_slices:
+            self._memos = [{} for _ in range(self.num_slices)]
+        with torch.no_grad():
+            if self.whole_state:
+                return self.compressor.compression_state(weight, self._memos[0], frozen=frozen)
+            return [self.compressor.compression_state(w, memo, frozen=frozen)
+                    for w, memo in zip(self._slices(weight), self._memos)]
+
+    def _set_state(self, state: Any, key: tuple) -> None:
+        self._states, self._state_key = state, key
+
+    def due_state(self) -> Optional[tuple]:
+        """``(weight, frozen, key)`` when the forward will read a state that the cache does not hold (W detached,
+        whole), else ``None``: what :func:`refresh_states` computes. A weight that is not whole here (sharded by
+        FSDP or ZeRO-3 outside the forward) is left to the forward, which sees it gathered."""
+        self._driven = True
+        if not self.needs_state():
+            return None
+        weight = self.latent_weight().detach()
+        if type(weight) is not torch.Tensor or tuple(weight.shape) != self._latent_shape:
+            return None
+        frozen, key = self.state_cache_key(weight)
+        if self._states is not None and self._state_key == key:
+            return None
+        return weight, frozen, key
+
+    def frozen_state(self) -> Optional[tuple[int, Any]]:
+        """``(window, state)``: the state held for the ``recompute_every`` window in force (computed from W at the
+        window's first step), to be saved with a checkpoint; ``None`` when no state is held for several steps."""
+        if self._states is None or self._state_key is None or self._state_key[0] != "every":
+            return None
+        return self._state_key[1], self._states
+
+    def restore_frozen_state(self, window: int, state: Any) -> None:
+        """Hold ``state`` for ``window`` (from :meth:`frozen_state` of the run being resumed): the steps left in that
+        window then use the state the uninterrupted run used, not one computed from the resumed W."""
+        weight = self.latent_weight()
+        self._set_state(state, ("every", window, weight.data_ptr(), id(self.compressor)))
+
+    def compression_states(self, weight: Optional[torch.Tensor] = None) -> list:
+        """What C(W) needs besides W, one entry per slice (prune: the keep-mask; binary: the scale), cached under
+        :meth:`state_cache_key`."""
+        state = self.unit_state(weight)
+        if not self.whole_state:
+            return state
+        return [state[index] for index in range(self.num_slices)] if self.stacked else [state]
 
     def compression_state(self) -> Any:
         """The compression state of an unstacked unit (see :meth:`compression_states`)."""
@@ -300,3 +379,47 @@ class VConUnit(HoldsBeta):
     def _repr_method(self) -> str:
         released = ", dense path released" if self.dense_released else ""
         return f"method={self.compressor.name}, beta={self.beta:.4g}{released}"
+
+
+# ----------------------------------------------------------------------------- states, once per optimizer step
+def refresh_states(units: list, batched: Optional[bool] = None) -> None:
+    """Compute the compression state every unit's forward will read at this optimizer step, once, outside the
+    forward (:func:`hf_vcon.set_step` calls this), so that forward and backward only read cached tensors.
+
+    Units whose compressors take leading dimensions (:attr:`~hf_vcon.compressors.WeightCompressor.accepts_leading_dims`)
+    and agree on class, options, shape, dtype and device are stacked ``(units, out, in)`` and compressed in one call
+    (one selection for all of a group's pruning thresholds): on a GPU that replaces many small kernels by a few
+    large ones. On a CPU stacking only copies the weights, so ``batched`` defaults to "not on a CPU". Either way
+    each unit gets the state it would compute alone.
+    """
+    groups: dict[tuple, list] = {}
+    for unit in units:
+        due = unit.due_state()
+        if due is None:
+            continue
+        weight, frozen, key = due
+        batch = weight.device.type != "cpu" if batched is None else batched
+        compressor = unit.compressor
+        if batch and unit.whole_state and not unit.stacked and getattr(compressor, "accepts_leading_dims", False) \
+                and not compressor.couples_layers:
+            group = (type(compressor), compressor.options, tuple(weight.shape), weight.dtype, weight.device, frozen)
+            groups.setdefault(group, []).append((unit, weight, key))
+        else:
+            unit._set_state(unit._computed_state(weight, frozen), key)
+    for (*_, frozen), members in groups.items():
+        if len(members) == 1:
+            unit, weight, key = members[0]
+            unit._set_state(unit._computed_state(weight, frozen), key)
+            continue
+        with torch.no_grad():
+            state = members[0][0].compressor.compression_state(torch.stack([weight for _, weight, _ in members]), {},
+                                                               frozen=frozen)
+        for index, (unit, _, key) in enumerate(members):
+            unit._set_state(_state_at(state, index), key)
+
+
+def _state_at(state: Any, index: int) -> Any:
+    """The state of one leading index of a batched state (a tensor, or a tuple of tensors)."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    return type(state)(*(part[index] for part in state))

@@ -85,10 +85,9 @@ class VConWeight(VConUnit):
         if self.phase == DENSE:
             return keep_in_graph(original, list(params.values())) if self.training else original
         if self.compressor.trains_straight_through:
-            stacked = latent if self.stacked else latent.unsqueeze(0)
-            blended = StraightThroughWeight.apply(stacked, self.compression_states(latent), self.compressor,
-                                                  self.blend_weight(), self.kept_only)
-            return self._stored(blended if self.stacked else blended[0])
+            blended = StraightThroughWeight.apply(latent, self.unit_state(latent), self.compressor, self.blend_weight(),
+                                                  self.kept_only, not self.whole_state)
+            return self._stored(blended)
         compressed = self._stack([self.compressor.compose(self.slice_params(index, params))
                                   for index in range(self.num_slices)])
         if self.phase == COMPRESSED:
@@ -134,6 +133,10 @@ class VConWeight(VConUnit):
         return self._stored(weight).contiguous()
 
     # -------------------------------------------------------------------------------------- lifecycle
+    def fetched_with(self) -> nn.Module:
+        """The owner: its forward reads the parametrized weight, so W and this unit's tensors are fetched with it."""
+        return self.owner
+
     def attach_to(self, model: nn.Module, name: str) -> None:
         """Parametrize the owner's parameter, cached over each forward of the owner (indexing it per expert reads
         it many times)."""

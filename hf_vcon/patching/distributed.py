@@ -7,8 +7,9 @@
   full W, provided W and the layer's ``vcon_*`` tensors are gathered by the same unit. :func:`check_sharding`
   refuses a wrapping that shards a VCON layer's ``base_layer`` as a unit of its own; :func:`check_fsdp_plugin`
   refuses FSDP1 without ``use_orig_params`` (its flat parameters hide the ``vcon_*`` parameters from the layer).
-- **ZeRO-3** gathers a module's *own* parameters before its forward; :func:`prepare_zero3` marks VCON layers as
-  ZeRO-3 leaf modules so that W (a parameter of the child ``base_layer``) is gathered with them, and
+- **ZeRO-3** gathers a module's *own* parameters before its forward; :func:`prepare_zero3` marks the module that
+  reads each VCON unit's weights as a ZeRO-3 leaf (a ``VConLinear`` itself, with W in its child ``base_layer``; the
+  owner of a ``VConWeight``: fused experts, ``nn.MultiheadAttention``), so that W is gathered with them, and
   :func:`gathered_for_reading` gathers W when :func:`hf_vcon.apply_vcon` builds the low-rank factors from a model
   that ``from_pretrained`` already partitioned.
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..errors import VConError
 from ..layers.linear import VConLinear
+from ..layers.protocol import VConUnit
 
 
 def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
@@ -49,16 +51,26 @@ def gathered_for_reading(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 def prepare_zero3(model: nn.Module) -> None:
-    """Mark every VCON layer class in ``model`` as a DeepSpeed ZeRO-3 leaf module, before ``deepspeed.initialize``.
+    """Mark, for every VCON unit of ``model``, the class of the module whose forward reads its weights
+    (:meth:`~hf_vcon.layers.protocol.VConUnit.fetched_with`) as a DeepSpeed ZeRO-3 leaf module, before
+    ``deepspeed.initialize``.
 
-    ZeRO-3 fetches a module's own parameters before its forward; a VCON layer reads its ``base_layer``'s weight
-    without calling ``base_layer``, so the whole layer must be fetched as one leaf.
+    ZeRO-3 fetches a module's own parameters before its forward. A ``VConLinear`` reads its ``base_layer``'s weight
+    without calling ``base_layer``; a ``VConWeight`` is a parametrization that the owner's forward reads (fused
+    experts, ``nn.MultiheadAttention``), and no forward of its own ever runs. Either way the module that runs must be
+    fetched as one leaf, with W and the ``vcon_*`` tensors under it.
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    classes = list(dict.fromkeys(type(module) for module in model.modules() if isinstance(module, VConLinear)))
+    classes = zero3_leaf_classes(model)
     if classes:
         set_z3_leaf_modules(model, classes)
+
+
+def zero3_leaf_classes(model: nn.Module) -> list[type]:
+    """The module classes :func:`prepare_zero3` marks as ZeRO-3 leaves, one rule for every kind of VCON unit."""
+    units = [module for module in model.modules() if isinstance(module, VConUnit)]
+    return list(dict.fromkeys(type(unit.fetched_with()) for unit in units))
 
 
 def _shard_unit_types() -> tuple[type, ...]:

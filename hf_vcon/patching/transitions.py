@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config.schedules import gmp_sparsity, holder_betas
+from ..layers.protocol import DENSE, refresh_states
 from .state import VConState
 
 
@@ -36,7 +37,8 @@ class Blend(Transition):
         betas = holder_betas(step, transition_steps, len(state.holders), config.start_step, config.schedule,
                              config.stagger)
         for holder, beta in zip(state.holders, betas):
-            holder.set_beta(beta)
+            if holder.beta != beta:  # once the transition is over, nothing changes: no work per layer
+                holder.set_beta(beta)
 
 
 class Gradual(Transition):
@@ -46,7 +48,8 @@ class Gradual(Transition):
 
     def step(self, state, step, transition_steps):
         for holder in state.holders:
-            holder.set_beta(0.0)
+            if holder.beta != 0.0:
+                holder.set_beta(0.0)
         ramped = {}
         for layer, setting in zip(state.layers, state.settings):
             current = layer.compressor
@@ -82,4 +85,12 @@ def set_state_step(state: VConState, step: int, max_steps: Optional[int] = None)
     transition_of(state).step(state, step, state.config.resolve_transition_steps(max_steps))
     for layer in state.layers:
         layer.optimizer_step = step
+    refresh_states(running_layers(state))
     return state.beta
+
+
+def running_layers(state: VConState) -> list:
+    """The compressed layers whose forward runs now: block-wise, those of the blocks that are not dense."""
+    if not state.granularity.wraps_blocks:
+        return state.layers
+    return [layer for block in state.blocks if block.phase != DENSE for layer in block.compressed_layers()]

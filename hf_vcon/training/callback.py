@@ -18,13 +18,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..config.schedules import warn_if_transition_outlasts_run
 from ..config.vcon_config import VConConfig
 from ..errors import VConError, VConWarning
-from ..export.merged import AUTO, check_export_format, resolve_export_format
+from ..export.merged import AUTO, check_export_format, resolve_export_format, written_format
 from ..export.run import export_run, write_checkpoint_config
 from ..patching.distributed import gathered_for_reading, prepare_zero3
 from ..patching.state import get_vcon_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.verbs import apply_vcon, get_beta, release_dense_paths, set_step
 from ..utils.logs import is_training_log
+from .resume import restore_frozen_states, save_frozen_states
 from ..utils.modules import unwrap_model
 
 
@@ -68,11 +69,14 @@ class VConCallback(TrainerCallback):
         check_export_format(export_format)
         self.export_at_train_end = export_at_train_end
         self.export_format = export_format
+        self.requested_format = export_format  # what save_model writes under: "auto" may still fall back to dense
         self.model: Optional[nn.Module] = None
         self.summary: Optional[VConSummary] = None
         self._summary_version: Optional[int] = None
         self._released = False
         self._last_step: Optional[int] = None
+        self._beta = 1.0
+        self.resume_dir: Optional[str] = None  # the checkpoint a run resumes from, when the trainer knows it
         self.evaluates_compressed = False  # VConTrainer reports eval_compressed_* and compares checkpoints by them
 
     # ------------------------------------------------------------------------------------------ setup
@@ -92,7 +96,7 @@ class VConCallback(TrainerCallback):
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
         # An impossible format (a missing package, GPT-2's Conv1D) is an error now, not after training.
-        self.export_format = resolve_export_format(inner, self.export_format)
+        self.export_format = resolve_export_format(inner, self.requested_format)
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)
@@ -125,6 +129,11 @@ class VConCallback(TrainerCallback):
             self.summary = None
         self._last_step = None
         self._released = False
+        if state.global_step > 0 and self.vcon_config.recompute_every > 1:
+            # the resumed window's states, as the interrupted run held them (a plain Trainer does not tell callbacks
+            # where it resumed from: the checkpoint of this step in output_dir is the one it picks by default)
+            default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            restore_frozen_states(self.model, self.resume_dir or default)
         self.update(state.global_step, state.max_steps)
         if state.global_step < state.max_steps:
             warn_if_transition_outlasts_run(self.vcon_config, state.max_steps, stacklevel=4)
@@ -139,11 +148,12 @@ class VConCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------- β
     def update(self, step: int, max_steps: Optional[int]) -> float:
-        """Set β for optimizer step ``step`` (a no-op when the step has not changed); return the current β."""
+        """Set β for optimizer step ``step`` (a no-op when the step has not changed: every micro-batch of a window
+        calls it, and it then touches no layer); return the current β."""
         if step != self._last_step:
-            set_step(self.model, step, max_steps)
+            self._beta = set_step(self.model, step, max_steps)
             self._last_step = step
-        return get_beta(self.model)
+        return self._beta
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         beta = self.update(state.global_step, state.max_steps)
@@ -159,7 +169,9 @@ class VConCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------- saving
     def on_save(self, args, state, control, **kwargs):
         if args.should_save and self.model is not None:
-            write_checkpoint_config(self.model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            write_checkpoint_config(self.model, checkpoint_dir)
+            save_frozen_states(self.model, checkpoint_dir)
 
     def on_train_end(self, args, state, control, processing_class=None, **kwargs):
         self.update(state.global_step, state.max_steps)  # the model as it stands after the last update
@@ -174,7 +186,8 @@ class VConCallback(TrainerCallback):
             )
             return
         export_run(self.model, args.output_dir, training_args=args, trainer_state=state,
-                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.export_format)
+                   processing_class=processing_class or kwargs.get("tokenizer"), format=self.requested_format)
+        self.export_format = written_format(args.output_dir)
 
     # ----------------------------------------------------------------------------------------- logs
     def log_values(self) -> dict[str, float]:

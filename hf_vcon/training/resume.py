@@ -8,7 +8,9 @@ turn that into an :class:`~hf_vcon.IncompatibleCheckpointError` before anything 
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..config.vcon_config import CONFIG_NAME, VConConfig
@@ -18,6 +20,7 @@ from ..patching.state import require_state
 from ..utils.modules import unwrap_model
 
 _SHOWN = 5
+FROZEN_STATES_NAME = "vcon_frozen_states.pt"
 
 
 def _flat(config: VConConfig) -> dict:
@@ -67,3 +70,56 @@ def verify_checkpoint(checkpoint_dir: str, model: nn.Module) -> None:
             f"The VCON tensors of {checkpoint_dir!r} do not match the model: {len(missing)} missing "
             f"(e.g. {missing[:_SHOWN]}), {len(unexpected)} unexpected (e.g. {unexpected[:_SHOWN]})."
         )
+
+
+# ------------------------------------------------------------------------ states held over recompute_every steps
+def _on_cpu(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    return type(state)(_on_cpu(part) for part in state)
+
+
+def _on_device(state: Any, device: torch.device) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    return type(state)(_on_device(part, device) for part in state)
+
+
+def save_frozen_states(model: nn.Module, checkpoint_dir: str) -> None:
+    """With ``recompute_every > 1``, write the states each layer holds for its current window into the checkpoint
+    folder: a resumed run continues that window with them, exactly as the uninterrupted run did (they were computed
+    from W at the window's first step, which the checkpoint no longer has). Nothing is written otherwise."""
+    state = require_state(model, "save_frozen_states")
+    if state.config.recompute_every <= 1 or not os.path.isdir(checkpoint_dir):
+        return
+    layers = {}
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        held = layer.frozen_state()
+        if held is not None and _is_tensors(held[1]):
+            layers[name] = {"window": held[0], "state": _on_cpu(held[1])}
+    if layers:
+        torch.save({"recompute_every": state.config.recompute_every, "layers": layers},
+                   os.path.join(checkpoint_dir, FROZEN_STATES_NAME))
+
+
+def _is_tensors(state: Any) -> bool:
+    if isinstance(state, torch.Tensor):
+        return True
+    return isinstance(state, (list, tuple)) and all(_is_tensors(part) for part in state)
+
+
+def restore_frozen_states(model: nn.Module, checkpoint_dir: Optional[str]) -> bool:
+    """Give the layers the states :func:`save_frozen_states` wrote into ``checkpoint_dir``; ``False`` if it holds
+    none (a checkpoint of another ``recompute_every``, or of an earlier version: the layers then compute theirs)."""
+    state = require_state(model, "restore_frozen_states")
+    path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, FROZEN_STATES_NAME)
+    if path is None or not os.path.isfile(path):
+        return False
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("recompute_every") != state.config.recompute_every:
+        return False
+    for name, layer in zip(state.targeted_module_names, state.layers):
+        entry = saved["layers"].get(name)
+        if entry is not None:
+            layer.restore_frozen_state(entry["window"], _on_device(entry["state"], layer.latent_weight().device))
+    return True

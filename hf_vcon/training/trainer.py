@@ -23,7 +23,7 @@ from ..distill.teacher import build_teacher
 from ..errors import VConError, VConWarning
 from ..export.compact_save import save_compressed
 from ..export.files import SAFE_WEIGHTS_NAME, module_key_names
-from ..export.merged import AUTO, stored_sizes
+from ..export.merged import AUTO, stored_sizes, written_format
 from ..export.run import card_details, export_run, write_card
 from ..patching.distributed import check_fsdp_plugin, check_sharding
 from ..patching.state import require_state
@@ -103,7 +103,9 @@ class VConTrainer(DistillationMixin, Trainer):
 
     @property
     def export_format(self) -> str:
-        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved)."""
+        """The format ``save_model()`` writes: ``"dense"`` or ``"compressed-tensors"`` (``"auto"`` resolved when the
+        trainer is built; after ``save_model()``, what the folder holds: ``"auto"`` falls back to dense where the
+        compressed-tensors folder would not load back)."""
         return self.vcon_callback.export_format
 
     def _prepare_distribution(self) -> None:
@@ -139,6 +141,7 @@ class VConTrainer(DistillationMixin, Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
             verify_checkpoint(os.fspath(checkpoint), self.model)
+        self.vcon_callback.resume_dir = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -204,8 +207,9 @@ class VConTrainer(DistillationMixin, Trainer):
         if self.args.should_save:
             self.vcon_summary = export_run(self.model, output_dir or self.args.output_dir, training_args=self.args,
                                            trainer_state=self.state, processing_class=self.processing_class,
-                                           state_dict=state_dict, format=self.export_format)
+                                           state_dict=state_dict, format=self.vcon_callback.requested_format)
             self._exported_to = os.path.normpath(output_dir or self.args.output_dir)
+            self.vcon_callback.export_format = written_format(self._exported_to)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
@@ -262,8 +266,9 @@ class VConTrainer(DistillationMixin, Trainer):
         summary = getattr(self, "vcon_summary", None) or self.vcon_callback.summary or vcon_summary(self.model)
         repo_id = getattr(self, "hub_model_id", None) if self.args.push_to_hub else None
         if getattr(self, "_exported_to", None) == os.path.normpath(self.args.output_dir):  # the folder holds weights
+            names = require_state(self.model, "create_model_card").targeted_module_names
             card_fields.update(export_format=self.export_format,
-                               stored_bytes=stored_sizes(self.args.output_dir, require_state(self.model, "create_model_card").targeted_module_names))
+                               stored_bytes=stored_sizes(self.args.output_dir, names, self.model))
         details = card_details(self.state, self.args, repo_id=repo_id, comparison=comparison, **card_fields)
         write_card(self.model, self.args.output_dir, summary, self.state, model_name=model_name,
                    tags=[tags] if isinstance(tags, str) else tags, details=details)

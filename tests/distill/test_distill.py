@@ -4,13 +4,16 @@ block-wise VCON, the mixin on a plain Trainer, and the errors."""
 
 from __future__ import annotations
 
+import copy
 import json
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Trainer, TrainingArguments
 
 from conftest import TinyTextDataset, build, tiny_bert, tiny_llama
@@ -24,11 +27,13 @@ from hf_vcon import (
     VConError,
     VConLinear,
     VConTrainer,
+    VConWarning,
     add_teacher_index,
     apply_vcon,
     cache_teacher_logits,
     kd_loss,
 )
+from hf_vcon.distill import losses as losses_module
 from hf_vcon.distill.losses import distill_mask, hidden_state_loss
 
 
@@ -72,6 +77,93 @@ def test_kd_loss_with_classes_the_teacher_rules_out_is_finite_and_has_finite_gra
     expected = reference_kd(student.detach().numpy(), np.where(np.isinf(teacher.numpy()), -1e30, teacher.numpy()), 2.0)
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 50), (130, 7), (1, 1, 9)], ids=["tokens", "examples", "one-item"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_loss_in_chunks_equals_the_float64_computation_value_and_gradient(shape, temperature):
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(shape, generator=generator) * 3, torch.randn(shape, generator=generator) * 3
+    mask = torch.rand(shape[:-1], generator=generator) > 0.3
+    mask.view(-1)[0] = True
+    weights = torch.rand(shape[:-1], generator=generator)  # a gradient that differs per item
+
+    def loss_and_grad(dtype):
+        leaf = student.clone().to(dtype).requires_grad_()
+        per_item = kd_loss(leaf, teacher.to(dtype), temperature, mask, reduction="none")
+        value = kd_loss(leaf, teacher.to(dtype), temperature, mask)
+        ((per_item * weights.to(per_item.dtype)).sum() + value).backward()
+        return per_item.detach().double(), value.detach().double(), leaf.grad.double()
+
+    if mask.numel() > 8:  # many chunks: the slices of one chunk must not leak into another
+        assert len(losses_module._chunks(mask.numel(), shape[-1])) > 1
+    per_item, value, grad = loss_and_grad(torch.float32)
+    log_t = F.log_softmax(teacher.double() / temperature, -1)
+    leaf = student.double().requires_grad_()
+    expected = (log_t.exp() * (log_t - F.log_softmax(leaf / temperature, -1))).sum(-1) * temperature**2
+    expected = torch.where(mask, expected, 0.0)
+    ((expected * weights.double()).sum() + expected.sum() / mask.sum()).backward()
+    torch.testing.assert_close(per_item, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value, expected.detach().sum() / mask.sum(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, leaf.grad, atol=1e-5, rtol=1e-5)
+    bf16_grad = loss_and_grad(torch.bfloat16)[2]
+    assert torch.isfinite(bf16_grad).all() and (bf16_grad - leaf.grad).abs().max() < 0.05 * leaf.grad.abs().max() + 1e-3
+
+
+def test_kd_loss_keeps_gradients_for_a_teacher_that_trains():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 6, generator=generator).requires_grad_()
+    teacher = torch.randn(4, 6, generator=generator).requires_grad_()
+    kd_loss(student, teacher, 2.0).backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the tensor storages that ops allocate while active (CPU included), and their peak; storages of
+    ``known`` tensors (inputs that exist anyway) are not counted."""
+
+    def __init__(self, *known: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = {tensor.untyped_storage()._cdata for tensor in known}
+
+    def _free(self, key, size):
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self.seen:
+                    self.seen.add(storage._cdata)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+
+def test_kd_loss_peak_memory_is_at_most_two_logits_tensors_beyond_the_task_loss():
+    batch, tokens, vocab = 4, 64, 2048
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, tokens, vocab, generator=generator)
+    teacher = torch.randn(batch, tokens, vocab, generator=generator)
+    labels = torch.randint(0, vocab, (batch, tokens), generator=generator)
+    one_tensor = logits.numel() * 4
+
+    def peak(distill: bool) -> int:
+        student = logits.clone().requires_grad_()
+        with PeakMemory(student, teacher, labels) as memory:
+            loss = F.cross_entropy(student.view(-1, vocab), labels.view(-1))
+            if distill:
+                loss = 0.5 * loss + 0.5 * kd_loss(student, teacher, 2.0)
+            loss.backward()
+        return memory.peak
+
+    task, both = peak(False), peak(True)
+    assert task >= 2 * one_tensor  # the tracker sees the task loss's own logits-sized tensors
+    assert both - task <= 2 * one_tensor, (both - task) / one_tensor
 
 
 def test_distill_mask_shifts_for_causal_language_models():
@@ -465,3 +557,76 @@ def test_evaluation_reports_the_task_loss(tmp_path):
     plain = vcon_trainer(tmp_path / "plain", config=VConConfig(method="binary", transition_steps=0))
     evaluation = TinyTextDataset(8, seed=1)
     assert trainer.evaluate(evaluation)["eval_loss"] == plain.evaluate(evaluation)["eval_loss"]
+
+
+# ------------------------------------------------------------------------------ a teacher of another vocabulary
+def word_tokenizer(size: int):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocabulary = {f"w{i}": i for i in range(size)}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocabulary, unk_token="w0")),
+                                                unk_token="w0", pad_token="w0")
+
+
+def padded_copy(student, rows: int):
+    """The student with its vocabulary padded to ``rows`` (extra embedding and head rows that no token uses)."""
+    teacher = copy.deepcopy(student)
+    teacher.resize_token_embeddings(rows)
+    return teacher
+
+
+class CausalText(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = TinyTextDataset(8).input_ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def distilling_llama(output_dir, teacher, tokenizer=None, **overrides):
+    torch.manual_seed(0)
+    return VConTrainer(model=tiny_llama(), args=args_for(output_dir, max_steps=2, **overrides),
+                       vcon_config=VConConfig(method="prune", sparsity=0.5, transition_steps=3),
+                       train_dataset=CausalText(), processing_class=tokenizer,
+                       distillation=DistillationConfig(alpha=1.0, teacher=teacher))
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_when_the_trainer_is_built(tmp_path):
+    torch.manual_seed(0)
+    padded = padded_copy(tiny_llama(), 128)
+    with pytest.raises(VConError, match=r"its vocabulary of 128 rows, the student's 99\. A teacher whose vocabulary "
+                                        r"is the student's padded .*processing_class"):
+        distilling_llama(tmp_path, padded)
+    with pytest.raises(VConError, match=r"this one has 120 tokens, more than 99"):
+        distilling_llama(tmp_path, padded, word_tokenizer(120))
+    other_labels = tiny_bert()
+    other_labels.config.num_labels = 5
+    other_labels = type(other_labels)(other_labels.config)
+    with pytest.raises(VConError, match=r"its 5 labels, the student's 3\. The teacher needs the student's head"):
+        vcon_trainer(tmp_path, DistillationConfig(alpha=0.5, teacher=other_labels))
+
+
+def test_a_padded_teacher_distils_over_the_shared_rows(tmp_path):
+    torch.manual_seed(0)
+    student = tiny_llama()
+    trainer = distilling_llama(tmp_path, padded_copy(student, 128), word_tokenizer(99))  # the same student again
+    assert torch.equal(trainer.teacher.lm_head.weight[:99], trainer.model.lm_head.weight)
+    trainer.train()
+    kd = [entry["distill/kd_loss"] for entry in trainer.state.log_history if "distill/kd_loss" in entry]
+    assert abs(kd[0]) < 1e-6 and kd[-1] > 1e-6  # β = 1 at step 0: over the shared rows the student is the teacher
+
+
+def test_tokenizers_named_differently_are_warned_about(tmp_path):
+    torch.manual_seed(0)
+    teacher = tiny_llama()
+    teacher.config.tokenizer_class = "GPT2TokenizerFast"
+    student = tiny_llama()
+    student.config.tokenizer_class = "LlamaTokenizerFast"
+    with pytest.warns(VConWarning, match="The student's config names tokenizer .*the teacher's 'GPT2TokenizerFast'"):
+        VConTrainer(model=student, args=args_for(tmp_path, max_steps=1), train_dataset=CausalText(),
+                    vcon_config=VConConfig(method="prune", sparsity=0.5, transition_steps=3),
+                    distillation=DistillationConfig(alpha=1.0, teacher=teacher))

@@ -8,6 +8,7 @@ import builtins
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,7 +303,8 @@ def test_siglip_head_out_proj_is_ignored(monkeypatch, tmp_path):
         save_merged(model, str(tmp_path), format="compressed-tensors")
     ignore = quantization_config(tmp_path)["ignore"]
     assert "vision_model.head.attention.out_proj" in ignore  # a NonDynamicallyQuantizableLinear left dense
-    loaded = transformers.SiglipForImageClassification.from_pretrained(str(tmp_path)).eval()
+    loaded = transformers.SiglipForImageClassification.from_pretrained(str(tmp_path), **{DTYPE_KEY: torch.float32})
+    loaded.eval()
     merged = merge_and_unload(copy.deepcopy(model))
     with torch.no_grad():
         inputs = case.inputs()
@@ -310,15 +312,16 @@ def test_siglip_head_out_proj_is_ignored(monkeypatch, tmp_path):
 
 
 def init_reading_every_weight(monkeypatch):
-    """The initialisation of many transformers 5 classes: it reads ``module.weight`` of every Linear."""
-    original = transformers.LlamaPreTrainedModel._init_weights
+    """A loader that fails on packed Linears, as transformers 5's does for the many model classes whose weight
+    initialisation reads ``module.weight`` of every Linear (Falcon, T5, SigLIP…)."""
+    original = transformers.LlamaForCausalLM.from_pretrained.__func__
 
-    def init_weights(self, module):
-        if isinstance(module, torch.nn.Linear):
-            module.weight  # noqa: B018  (only the read matters: a packed Linear has no weight)
-        original(self, module)
+    def from_pretrained(cls, folder, *args, **kwargs):
+        if "quantization_config" in json.loads((Path(folder) / "config.json").read_text()):
+            raise AttributeError("'Linear' object has no attribute 'weight'")
+        return original(cls, folder, *args, **kwargs)
 
-    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_init_weights", init_weights)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", classmethod(from_pretrained))
 
 
 def test_a_folder_transformers_cannot_load_falls_back_to_dense_under_auto(monkeypatch, tmp_path):
@@ -344,6 +347,26 @@ def test_a_folder_that_loads_other_weights_falls_back(monkeypatch, tmp_path):
     # An ignore list that misses the head: the loader expects it packed and initialises it at random.
     monkeypatch.setattr(export_ct, "_checkpoint_names", lambda plain, names: [])
     model = apply_vcon(build("llama"), VConConfig(method="quant", bits=4, transition_steps=0))
-    with pytest.warns(VConWarning, match=r"does not load back: .*lm_head"):
+    # transformers 5 loads the head packed from nothing (other weights); 4.x fails on it
+    with pytest.warns(VConWarning, match=r"does not load back: .*(lm_head|no attribute 'weight')"):
         save_merged(model, str(tmp_path))
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_the_trainer_under_auto_falls_back_after_training_and_its_card_says_dense(monkeypatch, tmp_path):
+    init_reading_every_weight(monkeypatch)
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                                          use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    causal = [{"input_ids": row, "labels": row} for row in TinyTextDataset(8).input_ids]
+    trainer = VConTrainer(model=build("llama").train(), args=args, train_dataset=causal,
+                          vcon_config=VConConfig(method="quant", bits=4, transition_steps=1))
+    assert trainer.export_format == "compressed-tensors"  # what the model allows; loading is checked when written
+    trainer.train()
+    with pytest.warns(VConWarning, match="Saving the merged model dense: .*does not load back"):
+        trainer.save_model()
+    assert trainer.export_format == "dense"
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "pack-quantized" not in card and "| targeted layers as stored | 0 " not in card
+    merged = merge_and_unload(copy.deepcopy(trainer.model)).eval()
+    torch.testing.assert_close(logits(load("llama", tmp_path), "llama"), logits(merged, "llama"), atol=1e-6, rtol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -350,3 +351,33 @@ def test_real_deepspeed_zero3_partitioned_model_trains():
     result = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, str(random.randint(20000, 40000))], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ZERO3 OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("key", ["bert", "mixtral", "siglip_vision_model"])
+def test_zero3_leaves_hold_every_unit_with_its_weight_whatever_the_unit_kind(key, monkeypatch):
+    """ZeRO-3 gathers a leaf module's parameters whole before its forward: for every VCON unit (VConLinear, or the
+    VConWeight of fused experts / MultiheadAttention), the module that reads it is a leaf holding W and its tensors."""
+    from hf_vcon.layers.protocol import VConUnit
+    from hf_vcon.patching.distributed import prepare_zero3
+
+    case = by_key(key)
+    if not hasattr(transformers, case.model_class):
+        pytest.skip(f"{case.model_class} is not in this transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VConWarning)
+        model = apply_vcon(case.build(), VConConfig(method="binary"))
+    marked = []
+    fake = types.ModuleType("deepspeed.utils")
+    fake.set_z3_leaf_modules = lambda model, classes: marked.extend(classes)
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", fake)
+    prepare_zero3(model)
+    units = [module for module in model.modules() if isinstance(module, VConUnit)]
+    if key == "siglip_vision_model" or key == "mixtral" and int(transformers.__version__.split(".")[0]) >= 5:
+        assert any(isinstance(unit, VConWeight) for unit in units)  # 4.x keeps one Linear per expert
+    leaves = [module for module in model.modules() if type(module) in marked]
+    for unit in units:
+        held = [leaf for leaf in leaves if any(part is unit for part in leaf.modules())]
+        assert held, f"no ZeRO-3 leaf holds {type(unit).__name__}"
+        owned = {id(param) for param in held[0].parameters()}
+        assert all(id(param) in owned for param in [unit.weight, *unit.compressed_params().values()])

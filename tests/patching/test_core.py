@@ -15,7 +15,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from conftest import METHOD_CASES, SETTING_CASES, SOLO_SETTING_CASES, build, logits, merged_shapes, tiny_bert, vcon_config
+from conftest import (FLOAT32, METHOD_CASES, SETTING_CASES, SOLO_SETTING_CASES, build, logits, merged_shapes, tiny_bert,
+                      vcon_config)
 from hf_vcon import (
     VConConfig,
     VConError,
@@ -354,9 +355,26 @@ def test_an_untied_head_compresses_alone_in_every_export(tmp_path):
     save_merged(model, str(tmp_path / "dense"), format="dense")
     save_merged(model, str(tmp_path / "ct"), format="compressed-tensors")
     save_compressed(model, str(tmp_path / "compact"))
-    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")),
-                   transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")),
+    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), **FLOAT32),
+                   transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), **FLOAT32),
                    load_compressed(str(tmp_path / "compact"))):
         assert torch.equal(loaded.model.embed_tokens.weight, embeddings)
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_errs_when_named_and_stays_dense_under_all_linear():
+    from hf_vcon import UnsupportedLayerError, VConWarning
+
+    setting = dict(method="quant", bits=4, strategy="group", group_size=64)  # BERT: in_features 32 and 64
+    model = build("bert")
+    with pytest.raises(UnsupportedLayerError, match=r"group_size=64 does not divide in_features=32 of layer "
+                                                     r"'bert.encoder.layer.0.attention.self.query'"):
+        apply_vcon(model, VConConfig(target_modules=["query", "output.dense"], **setting))
+    assert get_vcon_state(model) is None
+    with pytest.warns(VConWarning, match=r"all-linear': \d+ layer\(s\) cannot take their compression and stay dense "
+                                         r"\(bert.encoder.layer.0.attention.self.query: quant: group_size=64 does not"):
+        apply_vcon(model, VConConfig(**setting))
+    targeted = get_vcon_state(model).targeted_module_names
+    assert targeted and all(model.get_submodule(name).in_features % 64 == 0 for name in targeted)
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, nn.Linear)

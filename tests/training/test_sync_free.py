@@ -99,6 +99,16 @@ def test_fused_experts_step_is_sync_free(method, setting, phase, autocast):
     assert_sync_free("mixtral", vcon_config(method, setting, transition_steps=Q), phase, autocast)
 
 
+@pytest.mark.parametrize("autocast", DTYPES)
+@pytest.mark.parametrize("phase", ["transition", "after"])
+@pytest.mark.parametrize("setting", [pytest.param({"bits": 8, "activations": "int8"}, id="W8A8-int8"),
+                                     pytest.param({"format": "fp8", "activations": "fp8"}, id="FP8-dynamic")])
+def test_step_with_quantized_inputs_is_sync_free(setting, phase, autocast):
+    """The activation-quantizing path (g(x) = C·Q(x) + b, outputs blended) is not among the example settings, whose
+    merged model must equal β = 0: it has its own cases here."""
+    assert_sync_free("bert", vcon_config("quant", setting, transition_steps=Q), phase, autocast)
+
+
 @pytest.mark.parametrize("phase", ["transition", "after"])
 @pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"sparsity": 0.75, "prune_pattern": "row"}])
 def test_gradual_pruning_step_is_sync_free(setting, phase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from conftest import METHOD_CASES, TinyTextDataset, tiny_bert, vcon_config
+from hf_vcon.training.resume import FROZEN_STATES_NAME
 from hf_vcon import (
     IncompatibleCheckpointError,
     NoTargetModulesError,
@@ -103,6 +105,26 @@ def test_resume_mid_transition_equals_uninterrupted_run(tmp_path, method, settin
     assert get_beta(resumed.model) == get_beta(full.model) == 0.0
     expected, actual = full.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("trainer_class", [VConTrainer, Trainer], ids=["VConTrainer", "VConCallback"])
+@pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.5}), ("binary", {})])
+def test_resume_mid_window_of_recompute_every_equals_uninterrupted_run(tmp_path, method, setting, trainer_class):
+    """With recompute_every = 3 the checkpoint of step 4 falls inside the window of steps 3-5: the resumed run holds
+    the states computed from W of step 3, which the checkpoint keeps, and ends where the uninterrupted run ends."""
+    config = vcon_config(method, setting, transition_steps=6, recompute_every=3)
+    full = make_trainer(tmp_path / "full", config, trainer_class, save_strategy="steps", save_steps=4)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / FROZEN_STATES_NAME).is_file()
+    if trainer_class is Trainer:  # a plain Trainer does not tell callbacks where it resumes from: resume in place
+        shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-4")
+        checkpoint = tmp_path / "resumed" / "checkpoint-4"
+    resumed = make_trainer(tmp_path / "resumed", config, trainer_class, seed=123)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
 
