@@ -304,12 +304,3 @@ def test_the_card_names_the_schemes_and_how_to_serve(tmp_path):
     assert "Quantization schemes: FP8_DYNAMIC, NVFP4A16." in card and "`vllm serve me/tiny`" in card
     assert "mixed-precision" in card and "`format: pack-quantized`" not in card
 
-
-@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC"])
-@pytest.mark.parametrize("phase", ["transition", "after"])
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_quantized_inputs_step_is_sync_free(scheme, phase, autocast):
-    """The activation path (the library's dynamic per-token quantization, the output blend with a tensor β) makes no
-    synchronising operation the dense model does not make (the registry-wide check covers the weight formats)."""
-    from test_sync_free import assert_sync_free
-    assert_sync_free("bert", VConConfig(method="quant", scheme=scheme, transition_steps=4), phase, autocast)
