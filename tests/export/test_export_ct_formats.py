@@ -303,3 +303,4 @@ def test_the_card_names_the_schemes_and_how_to_serve(tmp_path):
     card = str(model_card(model, vcon_summary(model), details=CardDetails(export_format="compressed-tensors", repo_id="me/tiny")))
     assert "Quantization schemes: FP8_DYNAMIC, NVFP4A16." in card and "`vllm serve me/tiny`" in card
     assert "mixed-precision" in card and "`format: pack-quantized`" not in card
+
