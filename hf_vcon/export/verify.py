@@ -58,6 +58,12 @@ def _mismatch(loaded: nn.Module, merged: dict[str, torch.Tensor]) -> Optional[st
     missing = [key for key in merged if key not in actual]
     if missing:
         return f"the loaded model has no {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+    decoded = [key for key, tensor in merged.items()
+               if tensor.is_floating_point() and actual[key].is_floating_point() and actual[key].dtype != tensor.dtype]
+    if decoded:  # compressed-tensors decodes FP4 in bfloat16 whatever the model's dtype: a float32 forward fails
+        return (f"its weights decode to {actual[decoded[0]].dtype} ({', '.join(decoded[:3])}"
+                f"{' …' if len(decoded) > 3 else ''}), not the model's {merged[decoded[0]].dtype}, so the loaded "
+                "model's forward fails; save the model in that dtype")
     different = [key for key, tensor in merged.items() if not _close(actual[key], tensor)]
     if different:
         return (f"the loaded model's {', '.join(different[:3])}{' …' if len(different) > 3 else ''} differ from the "
