@@ -5,7 +5,6 @@ and under bf16 autocast."""
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
