@@ -1,5 +1,5 @@
 """The pruning cut's selection on a large weight: ``kthvalue`` against ``topk`` and a full sort, and the whole
-sync-free keep-mask (:func:`hf_vcon.compressors.prune._keep_largest`), in milliseconds.
+sync-free keep-mask (:func:`hf_vcon.compressors.selection.keep_largest`), in milliseconds.
 
 pytorch#75599 found ``kthvalue`` far slower than a sort on CUDA; this says which to use per device. The weight is
 Llama-7B's MLP shape, 4096 × 11008, in bf16 (and its fp32 copy), at sparsity 0.5 (per layer).
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hf_vcon.compressors.prune import _keep_largest, kept_count
+from hf_vcon.compressors.selection import keep_largest, kept_count
 
 
 def parse_args(argv=None):
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
             "kthvalue (the keep-th largest)": timed(args, lambda: scores.kthvalue(scores.numel() - keep + 1, dim=-1)),
             "topk (k largest, unsorted)": timed(args, lambda: scores.topk(keep, dim=-1, sorted=False)),
             "sort (descending)": timed(args, lambda: scores.sort(dim=-1, descending=True)),
-            "keep-mask, sync-free (kthvalue + ties by position)": timed(args, lambda: _keep_largest(scores, keep)),
+            "keep-mask, sync-free (kthvalue + ties by position)": timed(args, lambda: keep_largest(scores, keep)),
         }
     for operation in results["bf16"]:
         print(f"| {operation} | {results['bf16'][operation]:.1f} | {results['fp32'][operation]:.1f} |", flush=True)

@@ -24,6 +24,7 @@ from .base import CompressionStats, WeightCompressor, beta_is_zero, lerp
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from .registry import register_compressor
+from .selection import keep_largest, kept_count
 
 DEFAULT_SPARSITY = 0.9
 _N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
@@ -75,33 +76,6 @@ class PruneOptions(CompressorOptions):
             )
 
 
-def _keep_largest(scores: torch.Tensor, keep: int, threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean mask keeping the ``keep`` largest entries along the last dim (ties: the earlier index wins).
-
-    ``threshold``, when known, is the keep-th largest entry of each row (shape ``(..., 1)``). Device operations only:
-    the entries above the threshold, plus the tied entries whose running count along the row is within the row's
-    tie budget (``keep`` minus the entries above), so no value is read back to the host and no shape depends on the
-    data.
-    """
-    size = scores.shape[-1]
-    if keep >= size:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if keep <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if threshold is None:
-        threshold = scores.kthvalue(size - keep + 1, dim=-1, keepdim=True).values  # the keep-th largest
-    mask = scores > threshold
-    budget = keep - mask.sum(dim=-1, keepdim=True, dtype=torch.int32)  # how many tied entries are kept (>= 1)
-    ties = scores == threshold
-    within_budget = ties.cumsum(dim=-1, dtype=torch.int32) <= budget
-    return mask.logical_or_(ties.logical_and_(within_budget))
-
-
-def kept_count(total: int, sparsity: float) -> int:
-    """How many of ``total`` weights survive ``sparsity``: ``total − round(total·sparsity)``."""
-    return total - round(total * sparsity)
-
-
 @register_compressor("prune")
 class MagnitudePruner(WeightCompressor):
     """Unstructured (``"layer"``), per-row (``"row"``) or semi-structured (``"N:M"``) magnitude pruning: C = W ⊙ M."""
@@ -144,7 +118,7 @@ class MagnitudePruner(WeightCompressor):
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The boolean keep-mask M of W ``(..., out, in)`` (each leading index on its own)."""
         groups, keep = self._groups(weight.detach().abs())
-        return _keep_largest(groups, keep).view(weight.shape)
+        return keep_largest(groups, keep).view(weight.shape)
 
     def compress(self, weight):
         return weight * self.mask(weight)

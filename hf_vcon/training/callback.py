@@ -25,8 +25,8 @@ from ..patching.state import get_vcon_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.verbs import apply_vcon, get_beta, release_dense_paths, set_step
 from ..utils.logs import is_training_log
-from .resume import restore_frozen_states, save_frozen_states
 from ..utils.modules import unwrap_model
+from .resume import restore_frozen_states, save_frozen_states
 
 
 class VConCallback(TrainerCallback):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build, tiny_inputs, vcon_config
+from reference import _keep_largest_rows
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import build, tiny_inputs, vcon_config
 from hf_vcon import VConError, VConLinear, apply_vcon, get_vcon_state, release_dense_paths, set_beta, set_step
-from hf_vcon.compressors.prune import _keep_largest
-from reference import _keep_largest_rows
+from hf_vcon.compressors.selection import keep_largest
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def test_selection_mask_keeps_exact_count_and_breaks_ties_by_position(shape, kee
     for _ in range(20):  # few distinct values: ties straddle the cut
         scores = torch.randint(0, 4, shape, generator=generator).float()
         expected = _keep_largest_rows(scores.numpy(), keep)
-        assert np.array_equal(_keep_largest(scores, keep).numpy(), expected)
+        assert np.array_equal(keep_largest(scores, keep).numpy(), expected)
 
 
 def _pruner(sparsity: float):

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SOLO_SETTING_CASES
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import SOLO_SETTING_CASES
 from hf_vcon import VConConfig, apply_vcon, available_compressors, register_compressor
 from hf_vcon.compressors import WeightCompressor, compressor_class, registry
 from hf_vcon.config.settings import LayerSetting, build_options

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
-
 from architectures import by_key
 from conftest import TinyTextDataset, tiny_bert
+from safetensors import safe_open
+
 from hf_vcon import (
     NeuronCoupling,
     UnsupportedLayerError,

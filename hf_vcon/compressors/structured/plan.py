@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..prune import kept_count
+from ..selection import kept_count
 from .couplings import Block, couplings_for, find_blocks, known_model_types, resized_config
 
 _SHOWN = 6

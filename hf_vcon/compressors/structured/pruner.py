@@ -28,8 +28,8 @@ from torch import nn
 from ...errors import UnsupportedLayerError, VConError
 from ..base import CompressionStats, WeightCompressor, beta_is_zero
 from ..options import CompressorOptions, check_number, option
-from ..prune import _keep_largest, kept_count
 from ..registry import register_compressor
+from ..selection import keep_largest, kept_count
 from .couplings import ROWS, Block
 from .plan import plan_blocks
 
@@ -95,7 +95,7 @@ class CoupledGroup:
         for weight, along, width in zip(weights, block.along, block.widths):
             squares = torch.linalg.vector_norm(weight.detach(), dim=1 if along == ROWS else 0, dtype=torch.float32)
             scores += squares.square().view(block.units, width).sum(dim=1).to(scores.device)
-        return _keep_largest(scores.view(1, -1), keep).view(-1)
+        return keep_largest(scores.view(1, -1), keep).view(-1)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
