@@ -347,7 +347,7 @@ class VConUnit(HoldsBeta):
         state = self.unit_state(weight)
         if not self.whole_state:
             return state
-        return [state[index] for index in range(self.num_slices)] if self.stacked else [state]
+        return [_state_at(state, index) for index in range(self.num_slices)] if self.stacked else [state]
 
     def compression_state(self) -> Any:
         """The compression state of an unstacked unit (see :meth:`compression_states`)."""

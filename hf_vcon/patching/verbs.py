@@ -15,9 +15,7 @@ from torch import nn
 
 from ..config.vcon_config import VConConfig
 from ..errors import VConError
-from ..layers.linear import VConLinear
-from ..layers.protocol import ForwardAudit
-from ..layers.weight import VConWeight
+from ..layers.protocol import ForwardAudit, VConUnit
 from ..utils.modules import unwrap_model
 from ..utils.peft import is_peft_model
 from .blockwise import BlockWise
@@ -34,7 +32,7 @@ GRANULARITIES = {"layer": LayerWise(), "block": BlockWise()}
 
 # --------------------------------------------------------------------------------------------- apply_vcon
 def _check_not_wrapped(model: nn.Module) -> None:
-    if get_vcon_state(model) is not None or any(isinstance(m, (VConLinear, VConWeight)) for m in model.modules()):
+    if get_vcon_state(model) is not None or any(isinstance(m, VConUnit) for m in model.modules()):
         raise VConError("This model already has VCON layers; call unload() or merge_and_unload() before apply_vcon again.")
 
 
