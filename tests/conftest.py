@@ -138,6 +138,14 @@ def tiny_inputs(kind: str, batch: int = 2, seed: int = 0) -> dict:
 SEQ_LEN = 8
 
 
+def close_process_group() -> None:
+    """End a launched worker as every rank's last act: the Trainer leaves its gloo group alive, and torn down by the
+    interpreter at exit it aborts a rank now and then ("terminate called without an active exception", SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 class TinyTextDataset(torch.utils.data.Dataset):
     """Deterministic random token sequences; the label is a function of the first token, so it can be learnt."""
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from transformers import TrainingArguments  # noqa: E402
 
-from conftest import TinyTextDataset, tiny_bert  # noqa: E402
+from conftest import TinyTextDataset, close_process_group, tiny_bert  # noqa: E402
 from hf_vcon import DistillationConfig, VConConfig, VConTrainer  # noqa: E402
 
 MAX_STEPS = 4
@@ -69,6 +69,7 @@ def main() -> None:
     for run in RUNS:
         with open(os.path.join(options.output, f"{run}-rank{rank}.json"), "w", encoding="utf-8") as handle:
             json.dump(train(run, options.output), handle)
+    close_process_group()
 
 
 if __name__ == "__main__":

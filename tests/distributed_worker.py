@@ -39,7 +39,7 @@ from hf_vcon import VConConfig, VConTrainer, apply_vcon, get_beta, get_vcon_stat
 from hf_vcon.patching.distributed import check_sharding  # noqa: E402
 
 import conftest  # noqa: E402  (this script's folder is on sys.path; it registers the tests' plugin compressions)
-from conftest import TinyTextDataset  # noqa: E402
+from conftest import TinyTextDataset, close_process_group  # noqa: E402
 
 # Every registered method with its first example setting, as the tests' matrix has it.
 METHOD_SETTINGS = {method: settings[0] for method, settings in conftest.METHOD_SETTINGS.items()}
@@ -292,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     json.dump(result, handle)
         with open(os.path.join(records_dir, f"check-rank{rank}.json"), "w") as handle:
             json.dump({"rejects_sharded_base_layer": check_rejects_sharded_base_layer()}, handle)
-        torch.distributed.destroy_process_group()
+        close_process_group()
         return
     audit = WriteAudit(options.output)
     for method in options.methods.split(","):
@@ -303,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"expected world size {options.expect_world_size}, the Trainer saw {result['world_size']}")
         with open(os.path.join(records_dir, f"{method}-rank{result['process_index']}.json"), "w") as handle:
             json.dump(result, handle)
+    close_process_group()
 
 
 if __name__ == "__main__":
