@@ -172,6 +172,16 @@ def run(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArgum
     """Train, save, evaluate, predict and push as the transformers example scripts do; with ``--vcon_compare``, the
     three arms and their table. ``given`` holds the names of the flags the command line set. Returns the headline
     metrics (the saved model's)."""
+    metrics = _run_task(task, training_args, vcon_args, checkpoint, given)
+    # The Trainer leaves the process group open; left to interpreter exit, a gloo group aborts a rank now and then
+    # (SIGABRT after a successful run), so the script closes it, as accelerate's end_training() does.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _run_task(task: Task, training_args: TrainingArguments, vcon_args: VConCommonArguments,
+              checkpoint: Optional[str], given: frozenset[str]) -> dict:
     config = vcon_args.to_vcon_config()
     if not training_args.do_train:
         logger.warning("No --do_train: evaluating the model as loaded (for example a merged VCON model), uncompressed.")
