@@ -8,9 +8,13 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
 - ``vcon``:      ``transition_steps=Q`` (β from 1 to 0 over Q steps, then fine-tune the compressed model);
 - ``gmp``:       methods with a gradual option (prune, structured), ``transition="gmp"``: a hard mask whose
                  sparsity rises as s·(1 − (1 − t/Q)³);
-- ``ptq``:       quant only, the dense model quantized (round to nearest, absmax scales) with no training at all.
+- ``ptq``:       quant only, the dense model quantized (round to nearest, absmax scales) with no training at all;
+- ``dense+``     (``--dense_plus``): the dense model trained for the same steps with the same recipe and no
+                 compression, the reference with the same training budget as the trained arms.
 
-``--methods quant`` runs each of ``--quant_settings`` (bits:strategy) as a method of its own. The ``clm`` task reports
+``--methods quant`` runs each of ``--quant_settings`` (bits:strategy, or a compressed-tensors preset name such as
+NVFP4A16 or W4A16) as a method of its own; with a preset, a table of the share of the PTQ → dense (and PTQ →
+dense+) perplexity gap each arm closes is written too. The ``clm`` task reports
 perplexity (lower is better) instead of accuracy.
 - ``post-shot+kd``, ``vcon+kd`` (``--kd``): the same two arms distilling from the dense model
   (``(1 − α)·task + α·T²·KL``); its logits on the training set are computed once per task, saved in ``--out``
@@ -28,6 +32,7 @@ Examples (CPU, offline):
     python benchmarks/accuracy.py --task text --steps 2000 --dense_steps 3000 --text_train 0   # larger, e.g. on a GPU
     python benchmarks/accuracy.py --task clm,vision --methods quant --seeds 0,1,2       # PTQ / post-shot / VCON
     python benchmarks/accuracy.py --task vision --kd --kd_alpha 0.9 --kd_temperature 2   # + the distilled arms
+    python benchmarks/accuracy.py --task clm --methods quant --quant_settings NVFP4A16,W4A16 --kd --dense_plus
 """
 
 from __future__ import annotations
@@ -59,7 +64,14 @@ from hf_vcon import (  # noqa: E402
     set_beta,
 )
 from hf_vcon.compressors import compressor_class  # noqa: E402
-from report import plot_regimes, write_kd_table, write_q_sweep, write_quant_table, write_table  # noqa: E402
+from report import (  # noqa: E402
+    plot_regimes,
+    write_gap_table,
+    write_kd_table,
+    write_q_sweep,
+    write_quant_table,
+    write_table,
+)
 from tasks import build_task  # noqa: E402
 
 # Per-task defaults; every one is a flag.
@@ -73,7 +85,9 @@ DEFAULTS = {
 }
 METHOD_SETTINGS = {"prune": "sparsity", "binary": None, "lowrank": "rank_ratio", "quant": None,
                    "structured": "neuron_sparsity"}
-QUANT_KEYS = ("bits", "strategy", "group_size", "clip_search")
+QUANT_KEYS = ("bits", "strategy", "group_size", "clip_search", "scheme")
+# The clm teacher's cached logits would be ~22 GB (20k blocks × 128 tokens × 4,096 vocab in float16): run it live.
+KD_TEACHER = {"vision": "cached", "text": "cached", "clm": "live"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,11 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--rank_ratio", type=float, default=1 / 12, help="lowrank r / min(in, out) (paper: 16/192)")
     parser.add_argument("--quant_settings", default="4:channel,4:group,3:channel,3:group,2:channel,2:group",
-                        help="quant: comma list of bits:strategy, each a method of its own")
+                        help="quant: comma list of bits:strategy or compressed-tensors preset names (NVFP4A16, "
+                             "W4A16, ...), each a method of its own")
     parser.add_argument("--group_size", type=int, help="quant: inputs per scale with strategy group (task default)")
     parser.add_argument("--clip_search", action="store_true", help="quant: least-squares clipping instead of absmax")
     parser.add_argument("--eval_batch_size", type=int)
-    parser.add_argument("--arms", default="", help="comma list: run only these arms (post-shot, vcon, gmp, ptq)")
+    parser.add_argument("--arms", default="",
+                        help="comma list: run only these arms (post-shot, vcon, gmp, ptq, post-shot+kd, vcon+kd, dense+)")
     parser.add_argument("--neuron_sparsity", type=float, default=0.5, help="structured: the MLP neurons removed")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
@@ -113,6 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                   "are read from results.jsonl for the table)")
     parser.add_argument("--kd_alpha", type=float, default=0.9, help="α of the distilled arms")
     parser.add_argument("--kd_temperature", type=float, default=2.0, help="T of the distilled arms")
+    parser.add_argument("--kd_teacher", choices=("cached", "live"),
+                        help="the distilled arms' teacher: its logits cached once, or run at every step (task default: "
+                             "live for clm, whose cache would not fit in memory)")
+    parser.add_argument("--dense_plus", action="store_true",
+                        help="quant: add the dense+ arm (the dense model trained with the arms' recipe, uncompressed)")
     parser.add_argument("--regimes", action="store_true",
                         help="train nothing: draw regimes_<task>.png, VCON's gain over post-shot against Q for every "
                              "budget, schedule and lr in results.jsonl")
@@ -166,6 +187,12 @@ def dense_model(task, args) -> tuple[dict, float]:
     torch.save({"state_dict": state_dict, "test_accuracy": test_accuracy}, path)
     print(f"[{task.name}] dense: test {task.metric} {test_accuracy:.4f}", flush=True)
     return state_dict, test_accuracy
+
+
+def dense_teacher(task, state_dict: dict) -> torch.nn.Module:
+    teacher = task.build_model()
+    teacher.load_state_dict(state_dict)
+    return teacher
 
 
 def teacher_logits_path(task, args) -> str:
@@ -222,12 +249,20 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, 
                           data_collator=task.collator, compute_metrics=compute_metrics_of(task))
         set_beta(trainer.model, 0.0)
         final_beta, history = 0.0, []
+    elif arm == "dense+":  # the same recipe with nothing compressed
+        trainer = Trainer(model=model, args=arguments, train_dataset=task.train, eval_dataset=task.validation,
+                          data_collator=task.collator, compute_metrics=compute_metrics_of(task))
+        trainer.train()
+        final_beta, history = None, trainer.state.log_history
     else:
         distills = arm.endswith("+kd")
+        live = args.kd_teacher == "live"
         distillation = DistillationConfig(alpha=args.kd_alpha, temperature=args.kd_temperature,
-                                          teacher_logits=teacher_logits(task, state_dict, args)) if distills else None
+                                          teacher=dense_teacher(task, state_dict) if live else None,
+                                          teacher_logits=None if live else teacher_logits(task, state_dict, args)
+                                          ) if distills else None
         trainer = VConTrainer(model=model, args=arguments, vcon_config=config,
-                              train_dataset=add_teacher_index(task.train) if distills else task.train,
+                              train_dataset=add_teacher_index(task.train) if distills and not live else task.train,
                               eval_dataset=task.validation, data_collator=task.collator,
                               compute_metrics=compute_metrics_of(task), distillation=distillation)
         start = time.time()  # the teacher's logits are cached once, outside any arm's time
@@ -237,7 +272,7 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, 
     seconds = time.time() - start
     final = metric_of(trainer.evaluate(task.test, metric_key_prefix="test"), "test", task.metric)
     record = {"task": task.name, "method": method, "arm": arm,
-              "q": 0.0 if arm in ("ptq", "post-shot", "post-shot+kd") else q,
+              "q": 0.0 if arm in ("ptq", "post-shot", "post-shot+kd", "dense+") else q,
               "seed": seed, "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
               "lr": args.lr, "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
               **options, **kd_setting(arm, args), "metric": task.metric, "test_metric": final, "final_beta": final_beta,
@@ -253,6 +288,9 @@ def compression_settings(method: str, args) -> list[dict]:
     if method == "quant":
         settings = []
         for item in args.quant_settings.split(","):
+            if ":" not in item:  # a compressed-tensors preset name: it sets the whole format
+                settings.append({"scheme": item})
+                continue
             bits, strategy = item.split(":")
             settings.append({"bits": int(bits), "strategy": strategy,
                              "group_size": args.group_size if strategy == "group" else None,
@@ -268,7 +306,10 @@ def vcon_options(options: dict) -> dict:
 
 def kd_setting(arm: str, args) -> dict:
     """α and T of a distilled arm (kept with the run, part of its key)."""
-    return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature} if arm.endswith("+kd") else {}
+    if not arm.endswith("+kd"):
+        return {}
+    live = {"kd_teacher": "live"} if args.kd_teacher == "live" else {}  # absent: cached, as older runs recorded
+    return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature, **live}
 
 
 def settings_text(methods: list[str], args) -> str:
@@ -283,7 +324,7 @@ def run_key(record: dict) -> tuple:
     return (record["task"], record["method"], record["arm"], round(record["q"], 6), record["seed"], record["schedule"],
             record["steps"], record["lr"], record["lr_scheduler"], record.get("tag", ""),
             None if setting is None else round(setting, 6), *(record.get(key) for key in QUANT_KEYS),
-            record.get("kd_alpha"), record.get("kd_temperature"))
+            record.get("kd_alpha"), record.get("kd_temperature"), record.get("kd_teacher"))
 
 
 def read_runs(results_path: str) -> dict:
@@ -300,6 +341,8 @@ def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
     """``(method, arm, q, options)`` of every run a seed gets."""
     plan = []
     for method in methods:
+        if method == "quant" and args.dense_plus:
+            plan.append((method, "dense+", 0.0, {}))  # once per seed: it compresses nothing
         for options in compression_settings(method, args):
             if sweep:
                 plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
@@ -346,6 +389,14 @@ def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
     seeds_of = lambda runs: ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))  # noqa: E731
     quant = [record for record in records if record["method"] == "quant"]
     records = [record for record in records if record["method"] != "quant"]
+    presets = [r for r in quant if r.get("scheme") or r["arm"] == "dense+"]
+    quant = [r for r in quant if r.get("bits") is not None and "+kd" not in r["arm"]]
+    if presets and task.metric == "perplexity":
+        kd = f"; distilled arms α = {args.kd_alpha:g}, T = {args.kd_temperature:g} ({args.kd_teacher} teacher)"
+        header = (f"{task.description}; every trained arm (dense+ included) {args.steps} optimizer steps, batch "
+                  f"{args.batch_size}, AdamW lr {args.lr} ({args.lr_scheduler}), Q = {args.transition:g} of the run "
+                  f"({args.schedule} β){kd if args.kd else ''}; seeds {seeds_of(presets)}")
+        write_gap_table(presets, dense_accuracy, args.out, task.name, header, f"{args.steps} steps lr {args.lr:g}")
     if quant:
         clip = " clip search" if args.clip_search else ""
         header = (f"{task.description}; every trained arm {args.steps} optimizer steps, batch {args.batch_size}, "
@@ -379,6 +430,7 @@ def main(argv=None) -> None:
     seeds = [int(seed) for seed in (args.seeds or "0,1,2").split(",")]
     sweep = [float(q) for q in args.q_sweep.split(",")] if args.q_sweep else []
     base = {key: getattr(args, key) for key in DEFAULTS["vision"]}
+    kd_teacher = args.kd_teacher
     if args.regimes:
         for task_name in args.task.split(","):
             runs = [record for record in done.values() if record["task"] == task_name]
@@ -387,6 +439,7 @@ def main(argv=None) -> None:
     for task_name in args.task.split(","):
         for key, value in DEFAULTS[task_name].items():
             setattr(args, key, base[key] if base[key] is not None else value)
+        args.kd_teacher = kd_teacher or KD_TEACHER[task_name]
         task = build_task(task_name, **({"model_path": args.text_model, "n_train": args.text_train,
                                          "n_test": args.text_test, "n_validation": args.text_validation,
                                          "max_length": args.text_max_length} if task_name == "text" else {}))

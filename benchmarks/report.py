@@ -66,6 +66,8 @@ def write_table(records: list[dict], dense: float, out: str, task: str, header: 
 
 
 def _quant_label(record: dict) -> str:
+    if record.get("scheme"):
+        return record["scheme"]
     strategy = f"group {record['group_size']}" if record["strategy"] == "group" else record["strategy"]
     return f"int{record['bits']} {strategy}" + (" (clip search)" if record.get("clip_search") else "")
 
@@ -117,6 +119,55 @@ def write_quant_table(records: list[dict], dense: float, out: str, task: str, he
         lines.append(f"| {setting} | {dense_text} | {_values(ptq, metric, deterministic=True)} | {_values(post, metric)} | "
                      f"{_values(vcon, metric)} | {_gain(vcon, post, metric)} | {_gain(vcon, ptq_all, metric)} |")
     _section(os.path.join(out, "accuracy.md"), f"quant {task} {name}".rstrip(), "\n".join(lines) + "\n")
+GAP_ARMS = (("ptq", "PTQ"), ("post-shot", "post-shot"), ("post-shot+kd", "post-shot + KD"), ("vcon", "VCON"),
+            ("vcon+kd", "VCON + KD"))
+
+
+def _share(ptq: float, arm: dict, reference: dict) -> str:
+    """Per-seed share (%) of the PTQ → reference perplexity gap an arm closes: (PTQ − arm) / (PTQ − reference), mean ±
+    std over the seeds both have (100 %: the arm reaches the reference; above 100 %: it ends below it)."""
+    seeds = sorted(set(arm) & set(reference))
+    shares = [100 * (ptq - arm[s]) / (ptq - reference[s]) for s in seeds]
+    if not shares:
+        return "—"
+    return f"{shares[0]:.0f} % (1 seed)" if len(shares) == 1 else f"{np.mean(shares):.0f} ± {np.std(shares, ddof=1):.0f} %"
+
+
+def write_gap_table(records: list[dict], dense: float, out: str, task: str, header: str, name: str = "") -> None:
+    """Perplexity of every arm per quantization preset and the share of the PTQ → dense gap it closes, against the
+    dense starting point and against dense+ (the dense model trained with the arms' recipe, the same budget)."""
+    runs = defaultdict(dict)  # (setting, arm) -> {seed: perplexity}
+    for record in records:
+        setting = "—" if record["arm"] == "dense+" else _quant_label(record)
+        runs[(setting, record["arm"])][record["seed"]] = record["test_metric"]
+    plus = runs.get(("—", "dense+"), {})
+    settings = list(dict.fromkeys(_quant_label(r) for r in records if r["arm"] != "dense+"))
+    lines = [f"**{task}, share of the PTQ → dense gap closed** — {header}. Test perplexity (lower is better) after the "
+             "last step, mean ± std over seeds (PTQ and dense are deterministic: one number). Share closed = (PTQ − "
+             "arm) / (PTQ − reference), per seed: against dense (the starting point) and against dense+ (the dense "
+             "model trained for the same steps with the same recipe, uncompressed; the same training budget, the fair "
+             "one). VCON vs post-shot: paired perplexity gain (post-shot − VCON, same distillation), with the seeds on "
+             "which VCON is better.", "",
+             "| setting | arm | perplexity | share of PTQ → dense closed | share of PTQ → dense+ closed | "
+             "VCON vs post-shot |", "|---|---|---|---|---|---|",
+             f"| — | dense | {dense:.2f} | — | — | — |", f"| — | dense+ | {_values(plus, 'perplexity')} | — | — | — |"]
+    for setting in settings:
+        ptq_runs = runs.get((setting, "ptq"), {})
+        ptq = next(iter(ptq_runs.values()), None)
+        for arm, label in GAP_ARMS:
+            values = runs.get((setting, arm), {})
+            if not values:
+                continue
+            start = {seed: dense for seed in values}
+            gap = "—" if ptq is None or arm == "ptq" else _share(ptq, values, start)
+            gap_plus = "—" if ptq is None or arm == "ptq" else _share(ptq, values, plus)
+            versus = _gain(values, runs.get((setting, arm.replace("vcon", "post-shot")), {}), "perplexity") \
+                if arm.startswith("vcon") else "—"
+            lines.append(f"| {setting} | {label} | {_values(values, 'perplexity', deterministic=arm == 'ptq')} | "
+                         f"{gap} | {gap_plus} | {versus} |")
+    _section(os.path.join(out, "accuracy.md"), f"gap {task} {name}".rstrip(), "\n".join(lines) + "\n")
+
+
 KD_ARMS = ("post-shot", "vcon", "post-shot+kd", "vcon+kd")
 
 
