@@ -10,7 +10,8 @@ with the same data, budget (optimizer steps), learning rate schedule and seeds; 
                  sparsity rises as s·(1 − (1 − t/Q)³);
 - ``ptq``:       quant only, the dense model quantized (round to nearest, absmax scales) with no training at all;
 - ``dense+``     (``--dense_plus``): the dense model trained for the same steps with the same recipe and no
-                 compression, the reference with the same training budget as the trained arms.
+                 compression, the reference with the same training budget as the trained arms; with ``--kd`` also
+                 ``dense+kd``, the same distilling from the dense model (itself), the reference of the distilled arms.
 
 ``--methods quant`` runs each of ``--quant_settings`` (bits:strategy, or a compressed-tensors preset name such as
 NVFP4A16 or W4A16) as a method of its own; with a preset, a table of the share of the PTQ → dense (and PTQ →
@@ -56,6 +57,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_vcon import (  # noqa: E402
     DistillationConfig,
+    DistillationMixin,
     VConConfig,
     VConTrainer,
     add_teacher_index,
@@ -115,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip_search", action="store_true", help="quant: least-squares clipping instead of absmax")
     parser.add_argument("--eval_batch_size", type=int)
     parser.add_argument("--arms", default="",
-                        help="comma list: run only these arms (post-shot, vcon, gmp, ptq, post-shot+kd, vcon+kd, dense+)")
+                        help="comma list: run only these arms (post-shot, vcon, gmp, ptq, post-shot+kd, vcon+kd, dense+, "
+                             "dense+kd)")
     parser.add_argument("--neuron_sparsity", type=float, default=0.5, help="structured: the MLP neurons removed")
     parser.add_argument("--text_model", default="", help="a local model folder (default: the MiniLM-L6 wheel)")
     parser.add_argument("--text_train", type=int, default=4000, help="training snippets (0 = all ~11.5k)")
@@ -133,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the distilled arms' teacher: its logits cached once, or run at every step (task default: "
                              "live for clm, whose cache would not fit in memory)")
     parser.add_argument("--dense_plus", action="store_true",
-                        help="quant: add the dense+ arm (the dense model trained with the arms' recipe, uncompressed)")
+                        help="quant: add the dense+ arm (the dense model trained with the arms' recipe, uncompressed; "
+                             "with --kd also dense+kd, distilling from itself)")
     parser.add_argument("--regimes", action="store_true",
                         help="train nothing: draw regimes_<task>.png, VCON's gain over post-shot against Q for every "
                              "budget, schedule and lr in results.jsonl")
@@ -187,6 +191,10 @@ def dense_model(task, args) -> tuple[dict, float]:
     torch.save({"state_dict": state_dict, "test_accuracy": test_accuracy}, path)
     print(f"[{task.name}] dense: test {task.metric} {test_accuracy:.4f}", flush=True)
     return state_dict, test_accuracy
+
+
+class DistillingTrainer(DistillationMixin, Trainer):
+    """A plain Trainer with the distillation loss: the dense+kd arm, which compresses nothing."""
 
 
 def dense_teacher(task, state_dict: dict) -> torch.nn.Module:
@@ -249,9 +257,12 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, 
                           data_collator=task.collator, compute_metrics=compute_metrics_of(task))
         set_beta(trainer.model, 0.0)
         final_beta, history = 0.0, []
-    elif arm == "dense+":  # the same recipe with nothing compressed
-        trainer = Trainer(model=model, args=arguments, train_dataset=task.train, eval_dataset=task.validation,
-                          data_collator=task.collator, compute_metrics=compute_metrics_of(task))
+    elif arm in ("dense+", "dense+kd"):  # the same recipe with nothing compressed
+        distillation = DistillationConfig(alpha=args.kd_alpha, temperature=args.kd_temperature,
+                                          teacher=dense_teacher(task, state_dict)) if arm == "dense+kd" else None
+        trainer = DistillingTrainer(model=model, args=arguments, train_dataset=task.train, eval_dataset=task.validation,
+                                    data_collator=task.collator, compute_metrics=compute_metrics_of(task),
+                                    distillation=distillation)
         trainer.train()
         final_beta, history = None, trainer.state.log_history
     else:
@@ -272,7 +283,7 @@ def run_arm(task, state_dict, method: str, arm: str, q: float, seed: int, args, 
     seconds = time.time() - start
     final = metric_of(trainer.evaluate(task.test, metric_key_prefix="test"), "test", task.metric)
     record = {"task": task.name, "method": method, "arm": arm,
-              "q": 0.0 if arm in ("ptq", "post-shot", "post-shot+kd", "dense+") else q,
+              "q": 0.0 if arm in ("ptq", "post-shot", "post-shot+kd", "dense+", "dense+kd") else q,
               "seed": seed, "schedule": args.schedule if arm.startswith("vcon") else None, "steps": args.steps,
               "lr": args.lr, "lr_scheduler": args.lr_scheduler, "batch_size": args.batch_size, "tag": args.tag,
               **options, **kd_setting(arm, args), "metric": task.metric, "test_metric": final, "final_beta": final_beta,
@@ -308,7 +319,7 @@ def kd_setting(arm: str, args) -> dict:
     """α and T of a distilled arm (kept with the run, part of its key)."""
     if not arm.endswith("+kd"):
         return {}
-    live = {"kd_teacher": "live"} if args.kd_teacher == "live" else {}  # absent: cached, as older runs recorded
+    live = {"kd_teacher": "live"} if args.kd_teacher == "live" or arm == "dense+kd" else {}  # absent: cached, as older runs recorded
     return {"kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature, **live}
 
 
@@ -343,6 +354,8 @@ def make_plan(methods: list[str], sweep: list[float], args) -> list[tuple]:
     for method in methods:
         if method == "quant" and args.dense_plus:
             plan.append((method, "dense+", 0.0, {}))  # once per seed: it compresses nothing
+            if args.kd:
+                plan.append((method, "dense+kd", 0.0, {}))
         for options in compression_settings(method, args):
             if sweep:
                 plan += [(method, "post-shot" if q == 0 else "vcon", q, options) for q in sweep]
@@ -389,7 +402,7 @@ def write_reports(task, records: list[dict], sweep: list[float], args) -> None:
     seeds_of = lambda runs: ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))  # noqa: E731
     quant = [record for record in records if record["method"] == "quant"]
     records = [record for record in records if record["method"] != "quant"]
-    presets = [r for r in quant if r.get("scheme") or r["arm"] == "dense+"]
+    presets = [r for r in quant if r.get("scheme") or r["arm"].startswith("dense+")]
     quant = [r for r in quant if r.get("bits") is not None and "+kd" not in r["arm"]]
     if presets and task.metric == "perplexity":
         kd = f"; distilled arms α = {args.kd_alpha:g}, T = {args.kd_temperature:g} ({args.kd_teacher} teacher)"

@@ -138,19 +138,23 @@ def write_gap_table(records: list[dict], dense: float, out: str, task: str, head
     dense starting point and against dense+ (the dense model trained with the arms' recipe, the same budget)."""
     runs = defaultdict(dict)  # (setting, arm) -> {seed: perplexity}
     for record in records:
-        setting = "—" if record["arm"] == "dense+" else _quant_label(record)
+        setting = "—" if record["arm"].startswith("dense+") else _quant_label(record)
         runs[(setting, record["arm"])][record["seed"]] = record["test_metric"]
-    plus = runs.get(("—", "dense+"), {})
-    settings = list(dict.fromkeys(_quant_label(r) for r in records if r["arm"] != "dense+"))
+    plus, plus_kd = runs.get(("—", "dense+"), {}), runs.get(("—", "dense+kd"), {})
+    settings = list(dict.fromkeys(_quant_label(r) for r in records if not r["arm"].startswith("dense+")))
     lines = [f"**{task}, share of the PTQ → dense gap closed** — {header}. Test perplexity (lower is better) after the "
              "last step, mean ± std over seeds (PTQ and dense are deterministic: one number). Share closed = (PTQ − "
              "arm) / (PTQ − reference), per seed: against dense (the starting point) and against dense+ (the dense "
              "model trained for the same steps with the same recipe, uncompressed; the same training budget, the fair "
-             "one). VCON vs post-shot: paired perplexity gain (post-shot − VCON, same distillation), with the seeds on "
-             "which VCON is better.", "",
+             "one); the distilled arms also against dense+ + KD (dense+ distilling from the dense model, as they do). VCON vs "
+             "post-shot: paired perplexity gain (post-shot − VCON, same distillation), with the seeds on which VCON "
+             "is better.", "",
              "| setting | arm | perplexity | share of PTQ → dense closed | share of PTQ → dense+ closed | "
-             "VCON vs post-shot |", "|---|---|---|---|---|---|",
-             f"| — | dense | {dense:.2f} | — | — | — |", f"| — | dense+ | {_values(plus, 'perplexity')} | — | — | — |"]
+             "share of PTQ → dense+ + KD closed | VCON vs post-shot |", "|---|---|---|---|---|---|---|",
+             f"| — | dense | {dense:.2f} | — | — | — | — |",
+             f"| — | dense+ | {_values(plus, 'perplexity')} | — | — | — | — |"]
+    if plus_kd:
+        lines.append(f"| — | dense+ + KD | {_values(plus_kd, 'perplexity')} | — | — | — | — |")
     for setting in settings:
         ptq_runs = runs.get((setting, "ptq"), {})
         ptq = next(iter(ptq_runs.values()), None)
@@ -161,10 +165,11 @@ def write_gap_table(records: list[dict], dense: float, out: str, task: str, head
             start = {seed: dense for seed in values}
             gap = "—" if ptq is None or arm == "ptq" else _share(ptq, values, start)
             gap_plus = "—" if ptq is None or arm == "ptq" else _share(ptq, values, plus)
+            gap_plus_kd = _share(ptq, values, plus_kd) if ptq is not None and arm.endswith("+kd") else "—"
             versus = _gain(values, runs.get((setting, arm.replace("vcon", "post-shot")), {}), "perplexity") \
                 if arm.startswith("vcon") else "—"
             lines.append(f"| {setting} | {label} | {_values(values, 'perplexity', deterministic=arm == 'ptq')} | "
-                         f"{gap} | {gap_plus} | {versus} |")
+                         f"{gap} | {gap_plus} | {gap_plus_kd} | {versus} |")
     _section(os.path.join(out, "accuracy.md"), f"gap {task} {name}".rstrip(), "\n".join(lines) + "\n")
 
 
