@@ -205,7 +205,7 @@ class Quantizer(WeightCompressor):
     def static_input_tensors(self, observed: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The checkpoint's static input tensors (``input_scale`` or ``input_global_scale``) from the observed
         max|x|, for a layer whose weight has ``dtype``."""
-        return formats.static_input_tensors(self.options.activations, observed, dtype)
+        return formats.static_input_tensors(self._input_arguments(), observed, dtype)
 
     def _input_arguments(self):
         arguments = self.__dict__.get("_inputs")

@@ -222,26 +222,23 @@ def group_scales(format: str, absmax: torch.Tensor, global_scale: Optional[torch
     return scales.to(torch.float32)
 
 
-def static_input_tensors(activations: str, observed: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The static tensors a loader reads for the inputs, from the observed max|x| (a 0-d float32 tensor), as the
-    library's ``static_minmax`` observer derives them: FP8's ``input_scale`` (``calculate_qparams``: max|x| / 448, in
-    the layer's dtype ``dtype``, as the loader holds it) or NVFP4's ``input_global_scale`` (``generate_gparam``,
-    float32); nothing for dynamic inputs. Device operations only."""
-    if activations == "fp8_static":
+def static_input_tensors(args: Any, observed: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The static tensors a loader reads for inputs of arguments ``args`` (:func:`input_arguments`), from the observed
+    max|x| (a 0-d float32 tensor), as the library's ``static_minmax`` observer derives them: FP8's ``input_scale``
+    (``calculate_qparams``: max|x| / 448, in the layer's dtype ``dtype``, as the loader holds it) or NVFP4's
+    ``input_global_scale`` (``generate_gparam``, float32); nothing for dynamic inputs. Device operations only."""
+    if args is None or args.dynamic is True:
+        return {}
+    if not args.dynamic:  # FP8: one static scale
         from compressed_tensors.quantization.utils.helpers import calculate_qparams
         observed = observed.reshape(1)
-        scale, _ = calculate_qparams(observed.neg(), observed, _cached_input_arguments(activations))
+        scale, _ = calculate_qparams(observed.neg(), observed, args)
         return {"input_scale": scale.to(dtype)}
-    if activations == "nvfp4":
+    if args.strategy == "tensor_group":  # NVFP4: dynamic ("local") group scales under a static global scale
         from compressed_tensors.quantization.utils.helpers import generate_gparam
         observed = observed.reshape(1)
         return {"input_global_scale": generate_gparam(observed.neg(), observed)}
     return {}
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_input_arguments(activations: str) -> Any:
-    return input_arguments(activations)
 
 
 def quantize_inputs(x: torch.Tensor, args: Any, module: torch.nn.Module,

@@ -101,10 +101,14 @@ def test_fused_experts_step_is_sync_free(method, setting, phase, autocast):
 @pytest.mark.parametrize("autocast", DTYPES)
 @pytest.mark.parametrize("phase", ["transition", "after"])
 @pytest.mark.parametrize("setting", [pytest.param({"bits": 8, "activations": "int8"}, id="W8A8-int8"),
-                                     pytest.param({"format": "fp8", "activations": "fp8"}, id="FP8-dynamic")])
+                                     pytest.param({"format": "fp8", "activations": "fp8"}, id="FP8-dynamic"),
+                                     pytest.param({"scheme": "FP8"}, id="FP8-static"),
+                                     pytest.param({"scheme": "NVFP4"}, id="NVFP4-W4A4"),
+                                     pytest.param({"scheme": "MXFP4"}, id="MXFP4-W4A4")])
 def test_step_with_quantized_inputs_is_sync_free(setting, phase, autocast):
-    """The activation-quantizing path (g(x) = C·Q(x) + b, outputs blended) is not among the example settings, whose
-    merged model must equal β = 0: it has its own cases here."""
+    """The activation-quantizing path (g(x) = C·Q(x) + b, outputs blended; FP8 and NVFP4 also fold max|x| into the
+    layer's observer) is not among the example settings, whose merged model must equal β = 0: it has its own cases
+    here."""
     assert_sync_free("bert", vcon_config("quant", setting, transition_steps=Q), phase, autocast)
 
 
