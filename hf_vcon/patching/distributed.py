@@ -6,6 +6,10 @@
   data, so the input observers of static activation scales (FP8, NVFP4: each layer's running max|x|) differ:
   :func:`sync_input_observers` makes them agree, one all-reduce (MAX) of all observers stacked per optimizer step
   (the trainer's step hook calls it), so every rank, the checkpoints and the export hold the max over all ranks' data.
+  DDP's buffer broadcast (``broadcast_buffers``, on by default) copies rank 0's buffers to every rank before the first
+  forward after a synchronised backward, that is right after this merge, where they agree already; the micro-batches
+  of an accumulation window run under ``no_sync`` without it, so each rank's observations of all of them reach the
+  merge.
 - **FSDP** gathers a unit's weights for its forward; a VCON layer computes its mask / scale / blend there, from the
   full W, provided W and the layer's ``vcon_*`` tensors are gathered by the same unit. :func:`check_sharding`
   refuses a wrapping that shards a VCON layer's ``base_layer`` as a unit of its own; :func:`check_fsdp_plugin`
