@@ -1,7 +1,8 @@
 """A training step never makes the host wait for the device: one optimizer step (``set_step``, forward, backward,
 optimizer) of a patched model makes exactly the synchronising operations (:mod:`sync_count`) its dense model makes,
 for every registered compression, layer-wise and block-wise, on fused experts, mid-transition and after, in fp32
-and under bf16 autocast."""
+and under bf16 autocast. The steps run hf_vcon's accelerator paths (:func:`sync_count.as_on_an_accelerator`): on a CPU,
+where reading a value back is free, pruning searches its cut near the previous one, which reads values back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import transformers
 from architectures import by_key
 from conftest import METHOD_CASES, SETTING_CASES, SOLO_METHOD_CASES, build, tiny_inputs, vcon_config
 from hf_vcon import apply_vcon, set_step
-from sync_count import count_syncs
+from sync_count import as_on_an_accelerator, count_syncs
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 Q = 4  # transition steps: step 2 is mid-transition (β = 0.5), step 5 after it (β = 0)
 PHASES = {"transition": (1, 2), "after": (4, 5), "new window": (2, 3)}  # (a step that warms up, the step counted)
 BLOCKS = {"bert": r"bert\.encoder\.layer\.\d+"}
+
+
+@pytest.fixture(autouse=True)
+def _accelerator_paths():
+    with as_on_an_accelerator():
+        yield
 
 
 def _bert_batch():
