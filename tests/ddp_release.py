@@ -1,5 +1,6 @@
 """Run by test_perf.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): VCON through the β = 0 switch with
-``find_unused_parameters=False``, calling release_dense_paths at the first step with β = 0, as a trainer would."""
+``find_unused_parameters=False``, calling release_dense_paths at the first step with β = 0, as a trainer would; and the
+input observers of static activation scales merged over the ranks (check_observers)."""
 
 from __future__ import annotations
 
