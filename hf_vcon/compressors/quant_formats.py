@@ -180,7 +180,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """x (float32, within ±6) rounded to the nearest E2M1 value, ties to the even code, as the library's
     ``cast_to_fp4``: one search among the seven midpoints and a lookup (no boolean masks: no device sync)."""
     boundaries, values = _e2m1_tables(x.device)
-    rounded = torch.take(values, torch.bucketize(x.abs(), boundaries))
+    rounded = torch.take(values, torch.bucketize(x.abs().contiguous(), boundaries))  # bucketize copies otherwise
     return rounded.copysign_(x)
 
 
