@@ -23,7 +23,8 @@ checkpoint quantizes a Linear's input:
   and ``fake_quantize``.
 - ``"mxfp4"`` (MXFP4): E2M1 values in groups of 32 with dynamic power-of-two scales.
 - ``"nvfp4"`` (NVFP4): E2M1 values in groups of 16 with dynamic FP8 group scales under a *static* per-tensor global
-  scale, the library's ``generate_gparam`` of the observed max|x| (``input_global_scale`` in the checkpoint).
+  scale, the library's ``generate_gparam`` of the observed max|x| rounded down to a power of two
+  (``input_global_scale`` in the checkpoint).
 - ``"fp8_static"`` (FP8): FP8 E4M3 values with one *static* per-tensor scale, the library's ``calculate_qparams``
   of the observed max|x| (max|x| / 448, ``input_scale`` in the checkpoint).
 
@@ -226,7 +227,9 @@ def static_input_tensors(args: Any, observed: torch.Tensor, dtype: torch.dtype) 
     """The static tensors a loader reads for inputs of arguments ``args`` (:func:`input_arguments`), from the observed
     max|x| (a 0-d float32 tensor), as the library's ``static_minmax`` observer derives them: FP8's ``input_scale``
     (``calculate_qparams``: max|x| / 448, in the layer's dtype ``dtype``, as the loader holds it) or NVFP4's
-    ``input_global_scale`` (``generate_gparam``, float32); nothing for dynamic inputs. Device operations only."""
+    ``input_global_scale`` (``generate_gparam``, 448 · 6 / max|x|, rounded down to a power of two as the weights'
+    global scale is: transformers 4.x loads it in the model's dtype, where a power of two stays exact, so every loader
+    quantizes with the same value); nothing for dynamic inputs. Device operations only."""
     if args is None or args.dynamic is True:
         return {}
     if not args.dynamic:  # FP8: one static scale
@@ -237,7 +240,8 @@ def static_input_tensors(args: Any, observed: torch.Tensor, dtype: torch.dtype) 
     if args.strategy == "tensor_group":  # NVFP4: dynamic ("local") group scales under a static global scale
         from compressed_tensors.quantization.utils.helpers import generate_gparam
         observed = observed.reshape(1)
-        return {"input_global_scale": generate_gparam(observed.neg(), observed)}
+        library_scale = generate_gparam(observed.neg(), observed)
+        return {"input_global_scale": torch.exp2(torch.floor(torch.log2(library_scale)))}
     return {}
 
 

@@ -119,7 +119,7 @@ def loaders_q(x: torch.Tensor, args, dtype: torch.dtype, observed: torch.Tensor)
     """Q(x) as compressed-tensors' quantized forward computes it (``forward_quantize``) on a Linear of ``dtype`` whose
     static input tensors the library's ``static_minmax`` rule derived from ``observed`` (max|x|): ``input_scale``
     (``calculate_qparams``, held in the layer's dtype as the loader initialises it) or ``input_global_scale``
-    (``generate_gparam``, float32)."""
+    (``generate_gparam``, float32, rounded down to a power of two)."""
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
@@ -129,7 +129,10 @@ def loaders_q(x: torch.Tensor, args, dtype: torch.dtype, observed: torch.Tensor)
     if not args.dynamic:  # FP8: a static per-tensor scale
         module.input_scale = torch.nn.Parameter(calculate_qparams(-bound, bound, args)[0].to(dtype), requires_grad=False)
     elif args.strategy == "tensor_group":  # NVFP4: dynamic group scales under a static global scale
-        module.input_global_scale = torch.nn.Parameter(generate_gparam(-bound, bound), requires_grad=False)
+        library_scale = generate_gparam(-bound, bound)
+        power_of_two = torch.exp2(torch.floor(torch.log2(library_scale)))
+        assert power_of_two <= library_scale < 2 * power_of_two
+        module.input_global_scale = torch.nn.Parameter(power_of_two, requires_grad=False)
     return forward_quantize(module, x, "input", args), module
 
 
@@ -321,8 +324,20 @@ def observe(model, kind: str, seed: int = 1) -> None:
     model.eval()
 
 
+def as_loaded(model, dtype: torch.dtype):
+    """``model`` in ``dtype`` as ``from_pretrained(dtype=…)`` builds it: RoPE's frequencies stay float32, where
+    ``Module.to`` would round them (a difference of bf16 units that an input's FP4 rounding can turn into a flipped
+    code)."""
+    frequencies = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    model = model.to(dtype)
+    for name, buffer in frequencies.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer)
+    return model
+
+
 def exported(kind: str, folder, dtype=torch.float32, **setting):
-    model = apply_vcon(model_of(kind).to(dtype), VConConfig(transition_steps=0, method="quant", **setting))
+    model = apply_vcon(as_loaded(model_of(kind), dtype), VConConfig(transition_steps=0, method="quant", **setting))
     set_beta(model, 0.0)
     observe(model, kind)
     save_merged(model, str(folder), format="compressed-tensors")
@@ -423,7 +438,8 @@ def test_moe_model_round_trip(setting, tmp_path):
     case = by_key("qwen2_moe")
     exclude = {"exclude_modules": r".*\.experts\..*"} if compressor_of(**setting).quantizes_inputs else {}
     dtype = torch.bfloat16 if is_fp4(setting) else torch.float32
-    model = apply_vcon(case.build().to(dtype), VConConfig(method="quant", transition_steps=0, **exclude, **setting))
+    model = apply_vcon(as_loaded(case.build(), dtype), VConConfig(method="quant", transition_steps=0, **exclude,
+                                                                  **setting))
     set_beta(model, 0.0)
     inputs = case.inputs()
     model.train()
