@@ -369,6 +369,21 @@ def test_from_pretrained_gives_the_vcon_models_logits(kind, setting, tmp_path):
     assert_logits_match(logits(reloaded, kind), logits(reference, kind))
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="block-wise VCON needs transformers >= 5")
+@pytest.mark.parametrize("setting", [dict(scheme="FP8"), dict(scheme="NVFP4")], ids=_id)
+def test_block_wise_static_input_scales_round_trip(setting, tmp_path):
+    """Block-wise, the compressed copy's layers observe their inputs and the export writes their scales."""
+    dtype = torch.bfloat16 if is_fp4(setting) else torch.float32
+    model = apply_vcon(as_loaded(model_of("llama"), dtype),
+                       VConConfig(method="quant", transition_steps=0, granularity="block",
+                                  target_blocks=r"model\.layers\.\d+", **setting))
+    set_beta(model, 0.0)
+    observe(model, "llama")
+    assert all(float(layer.input_observer) > 0 for layer in get_vcon_state(model).layers)
+    save_merged(model, str(tmp_path), format="compressed-tensors")
+    assert_logits_match(logits(load("llama", tmp_path, dtype), "llama"), logits(model, "llama"))
+
+
 def assert_logits_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """float32: within 1e-5. bfloat16 (FP4): the weights are C bit for bit (test_bf16_export_decodes_to_c_bit_for_bit)
     and only the order of bf16 operations differs, so within 4 bf16 units in the last place of the largest logit."""
