@@ -119,6 +119,17 @@ def test_step_with_quantized_inputs_is_sync_free(setting, phase, autocast):
     assert_sync_free("bert", vcon_config("quant", setting, transition_steps=Q), phase, autocast)
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 stores experts as Linears")
+@pytest.mark.parametrize("phase", ["transition", "after"])
+@pytest.mark.parametrize("setting", [pytest.param({"scheme": "FP8"}, id="FP8-static"),
+                                     pytest.param({"scheme": "NVFP4"}, id="NVFP4-W4A4"),
+                                     pytest.param({"scheme": "MXFP4"}, id="MXFP4-W4A4")])
+def test_decoder_step_with_quantized_inputs_is_sync_free(setting, phase):
+    """A decoder too (Mixtral's attention and router-free Linears; its fused experts take no input quantization)."""
+    config = vcon_config("quant", setting, transition_steps=Q, exclude_modules=r".*experts.*")
+    assert_sync_free("mixtral", config, phase, False)
+
+
 @pytest.mark.parametrize("phase", ["transition", "after"])
 @pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"sparsity": 0.75, "prune_pattern": "row"}])
 def test_gradual_pruning_step_is_sync_free(setting, phase):
