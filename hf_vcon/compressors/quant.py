@@ -1,14 +1,15 @@
 """Weight quantization: k-bit integers C = s·clamp(round(W/s), −2^(b−1), 2^(b−1) − 1), symmetric, no zero point;
 or, with ``format``, FP8 E4M3, NVFP4 or MXFP4 values times their scales (:mod:`.quant_formats`); optionally with the
-inputs quantized too (``activations``, W8A8); or one of compressed-tensors' preset names (``scheme="NVFP4A16"``).
+inputs quantized too (``activations``: W8A8, FP8, NVFP4, MXFP4); or one of compressed-tensors' preset names
+(``scheme="NVFP4A16"``).
 
 One scale s per tensor, per output channel (row) or per group of ``group_size`` consecutive inputs of a row, recomputed
 from the latent W at every optimizer step: s = max|W| / (2^(b−1) − 1) over its block (absmax; the codes then use
 the symmetric range ±(2^(b−1) − 1)), or, with ``clip_search``, the clipped range of a grid of candidates that gives
 the least squared error ‖W − C‖² in each block. Trained straight-through like binary weights (the gradient reaches
-W unchanged). With ``activations`` the compressed path also quantizes its input, g(x) = C·Q(x) + b (Q dynamic per
-token, straight-through), and the layer blends outputs, β·f(x) + (1−β)·g(x); without, activations stay in floating
-point.
+W unchanged). With ``activations`` the compressed path also quantizes its input, g(x) = C·Q(x) + b (Q as the
+loader applies it, straight-through; a static scale comes from the layer's observed max|x|), and the layer blends
+outputs, β·f(x) + (1−β)·g(x); without, activations stay in floating point.
 
 C is computed in float32 and rounded once to W's dtype, with scales that dtype represents exactly, so that
 ``q·s`` evaluated by any loader in that dtype (compressed-tensors in bf16, for instance) gives C bit for bit.
@@ -40,6 +41,10 @@ from .registry import register_compressor
 DEFAULT_GROUP_SIZE = 128
 # Clipping ratios tried by ``clip_search``: the fraction of max|W| a block's codes span (1.0 is absmax).
 CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(11))  # 1.0, 0.95, …, 0.5
+ACTIVATION_TEXT = {"int8": "int8 activations per token", "fp8": "fp8 activations per token",
+                   "fp8_static": "fp8 activations, static scale per tensor",
+                   "nvfp4": "nvfp4 activations (dynamic group scales, static global scale)",
+                   "mxfp4": "mxfp4 activations (dynamic e8m0 scales)"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,11 @@ class QuantOptions(CompressorOptions):
         False, "choose each scale's clipping range (0.5 to 1 of max|W|) by least squared error instead of absmax (int)")
     format: str = option("int", "the weights' numbers: int, fp8 (E4M3), nvfp4 (E2M1, FP8 scales per 16, global "
                                 "scale) or mxfp4 (E2M1, power-of-two scales per 32)")
-    activations: str = option("none", "quantize each layer's input too, dynamically per token: none, int8 or fp8 "
-                                      "(W8A8; the compressed path then runs its own matmul while 0 < β < 1)")
+    activations: str = option(
+        "none", "quantize each layer's input too (the compressed path then runs its own matmul while 0 < β < 1): "
+        "none; int8 or fp8, dynamic per token (W8A8, FP8_DYNAMIC); fp8_static, one static scale per tensor from the "
+        "observed max|x| (FP8, with format fp8); nvfp4 or mxfp4, FP4 groups with dynamic scales (NVFP4's under a "
+        "static global scale from the observed max|x|), with the same weight format")
     scheme: Optional[str] = option(
         None, "a compressed-tensors preset name (W4A16, W8A8, FP8_DYNAMIC, NVFP4A16, MXFP4A16, …) setting format, "
         "bits, strategy, group_size and activations as the library defines them (int presets: group_size may differ)")
@@ -80,12 +88,15 @@ class QuantOptions(CompressorOptions):
             self._validate_float()
         if not isinstance(self.clip_search, bool):
             raise TypeError(f"clip_search={self.clip_search!r} must be True or False.")
-        if self.activations == "int8" and self.format != "int":
-            raise ValueError(f"activations='int8' goes with format='int' weights, not format={self.format!r}; use "
-                             "activations 'fp8' or 'none'.")
-        if self.activations != "none" and self.format in formats.FORMAT_GROUP_SIZE:
-            raise ValueError(f"activations={self.activations!r} with format={self.format!r} is not supported; the "
-                             f"{self.format} formats take activations='none' ({self.format.upper()}A16).")
+        self._check_activations_fit_format()
+
+    def _check_activations_fit_format(self) -> None:
+        if self.activations == "none" or self.format in formats.ACTIVATION_FORMATS[self.activations]:
+            return
+        accepted = ", ".join(name for name, fits in formats.ACTIVATION_FORMATS.items() if self.format in fits)
+        weights = " or ".join(f"format={fmt!r}" for fmt in formats.ACTIVATION_FORMATS[self.activations])
+        raise ValueError(f"activations={self.activations!r} goes with {weights} weights, not format={self.format!r}; "
+                         f"with format={self.format!r} use activations: none{', ' + accepted if accepted else ''}.")
 
     def _apply_preset(self, preset: dict) -> None:
         """Set the preset's options; one given explicitly must agree (an int preset's group_size may differ)."""
@@ -177,9 +188,24 @@ class Quantizer(WeightCompressor):
         """The compressed path quantizes its input too: g(x) = C·Q(x) + b."""
         return self.options.activations != "none"
 
-    def quantize_inputs(self, x: torch.Tensor, module: Any = None) -> torch.Tensor:
-        """Q(x) without autograd: the loader's dynamic per-token quantization of a Linear's input."""
-        return formats.quantize_inputs(x, self._input_arguments(), module)
+    @property
+    def observes_inputs(self) -> bool:
+        """Q has a static per-tensor scale (FP8 static, NVFP4's global scale) from the observed max|x| of the
+        layer's inputs, which the layer keeps (:class:`~hf_vcon.layers.linear.VConLinear`)."""
+        return self.options.activations in formats.OBSERVED_ACTIVATIONS
+
+    def quantize_inputs(self, x: torch.Tensor, module: Any = None,
+                        observed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Q(x) without autograd, as the loader quantizes a Linear's input; ``observed``: the layer's max|x| so far
+        (a 0-d float32 tensor), with :attr:`observes_inputs`."""
+        dtype = x.dtype if module is None else module.weight.dtype
+        static = self.static_input_tensors(observed, dtype) if self.observes_inputs else None
+        return formats.quantize_inputs(x, self._input_arguments(), module, static)
+
+    def static_input_tensors(self, observed: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The checkpoint's static input tensors (``input_scale`` or ``input_global_scale``) from the observed
+        max|x|, for a layer whose weight has ``dtype``."""
+        return formats.static_input_tensors(self._input_arguments(), observed, dtype)
 
     def _input_arguments(self):
         arguments = self.__dict__.get("_inputs")
@@ -323,7 +349,7 @@ class Quantizer(WeightCompressor):
                 "mxfp4": "mxfp4 e2m1 (e8m0 scales)"}[options.format]
         text = f"{kind}, scale {per[options.strategy]}{', clip search' if options.clip_search else ''}"
         if self.quantizes_inputs:
-            text += f", {options.activations} activations per token"
+            text += f", {ACTIVATION_TEXT[options.activations]}"
         return f"{options.scheme}: {text}" if options.scheme else text
 
     # ---------------------------------------------------------------------------------- compact encoding

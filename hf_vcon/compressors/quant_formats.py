@@ -16,8 +16,20 @@ activations) are compressed-tensors' own functions, called here; the format defi
 library's CPU version assigns through boolean masks (a device synchronisation on a GPU): :func:`round_e2m1` is
 arithmetic and the tests check it against the library's ``cast_to_fp4`` value by value.
 
-Activations (``activations``): ``"int8"`` and ``"fp8"``, dynamic per token (W8A8), quantized by the library's
-``compute_dynamic_scales_and_zp`` and ``fake_quantize``, as a loader of the checkpoint does.
+Activations (``activations``), each the input arguments of one of the library's presets, quantized as a loader of the
+checkpoint quantizes a Linear's input:
+
+- ``"int8"`` and ``"fp8"``: dynamic per token (W8A8 and FP8_DYNAMIC), the library's ``compute_dynamic_scales_and_zp``
+  and ``fake_quantize``.
+- ``"mxfp4"`` (MXFP4): E2M1 values in groups of 32 with dynamic power-of-two scales.
+- ``"nvfp4"`` (NVFP4): E2M1 values in groups of 16 with dynamic FP8 group scales under a *static* per-tensor global
+  scale, the library's ``generate_gparam`` of the observed max|x| rounded down to a power of two
+  (``input_global_scale`` in the checkpoint).
+- ``"fp8_static"`` (FP8): FP8 E4M3 values with one *static* per-tensor scale, the library's ``calculate_qparams``
+  of the observed max|x| (max|x| / 448, ``input_scale`` in the checkpoint).
+
+The observed max|x| is the layer's running maximum of its inputs (the presets' ``static_minmax`` observer), kept by
+the VCON layer (:mod:`hf_vcon.layers.linear`); the functions here turn it into the scales.
 
 The float formats, the activations and the preset names need compressed-tensors (``pip install 'hf_vcon[export]'``).
 """
@@ -30,7 +42,14 @@ from typing import Any, Optional
 import torch
 
 FORMATS = ("int", "fp8", "nvfp4", "mxfp4")
-ACTIVATIONS = ("none", "int8", "fp8")
+ACTIVATIONS = ("none", "int8", "fp8", "fp8_static", "nvfp4", "mxfp4")
+# The preset whose input arguments each activation setting is.
+ACTIVATION_PRESETS = {"int8": "W8A8", "fp8": "FP8_DYNAMIC", "fp8_static": "FP8", "nvfp4": "NVFP4", "mxfp4": "MXFP4"}
+# The weight format each activation setting goes with (int8: int; fp8 dynamic: int or fp8).
+ACTIVATION_FORMATS = {"int8": ("int",), "fp8": ("int", "fp8"), "fp8_static": ("fp8",), "nvfp4": ("nvfp4",),
+                      "mxfp4": ("mxfp4",)}
+# Activations with a static per-tensor scale: the layer observes its inputs' max|x|.
+OBSERVED_ACTIVATIONS = ("fp8_static", "nvfp4")
 FLOAT_FORMATS = ("fp8", "nvfp4", "mxfp4")
 FORMAT_BITS = {"fp8": 8, "nvfp4": 4, "mxfp4": 4}
 FORMAT_GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}  # fixed by the formats
@@ -74,19 +93,19 @@ def _weights_options(args: Any) -> Optional[dict[str, Any]]:
 
 
 def _activations_option(args: Any) -> Optional[str]:
-    """``"none"``, ``"int8"`` or ``"fp8"`` for compressed-tensors input arguments, or None where hf_vcon has none."""
+    """The ``activations`` option of compressed-tensors input arguments, or None where hf_vcon has none: the input
+    arguments of one of :data:`ACTIVATION_PRESETS`' presets, and nothing else."""
     if args is None:
         return "none"
-    strategy = str(getattr(args.strategy, "value", args.strategy))
-    kind = str(getattr(args.type, "value", args.type))
-    if args.dynamic is True and args.symmetric and strategy == "token" and args.num_bits == 8:
-        return {"int": "int8", "float": "fp8"}[kind]
-    return None
+    presets = _presets()
+    return next((name for name, preset in ACTIVATION_PRESETS.items()
+                 if presets.get(preset, {}).get("input_activations") == args), None)
 
 
 def preset_options(name: str) -> Optional[dict[str, Any]]:
     """The quant options of compressed-tensors preset ``name`` (as the library spells it, any case), or None where
-    the preset is one hf_vcon cannot train (asymmetric, static or 4-bit activations, blocks, FP6…)."""
+    the preset is one hf_vcon cannot train (asymmetric, blocks, FP6, activations other than those of
+    :data:`ACTIVATION_PRESETS`…)."""
     scheme = _presets().get(name.upper())
     if not scheme or set(scheme) - {"weights", "input_activations"}:
         return None
@@ -109,8 +128,9 @@ def check_preset(name: Any) -> dict[str, Any]:
                          f"{', '.join(accepted_presets())}.")
     options = preset_options(name)
     if options is None:
-        raise ValueError(f"scheme={name!r} is a compressed-tensors preset that method='quant' cannot train (static, "
-                         f"4-bit or grouped activations, asymmetric or block weights); use one of: "
+        raise ValueError(f"scheme={name!r} is a compressed-tensors preset that method='quant' cannot train "
+                         f"(asymmetric, block or FP6 weights, or activations none of the accepted presets has); use "
+                         f"one of: "
                          f"{', '.join(accepted_presets())}.")
     return options
 
@@ -129,12 +149,12 @@ def weight_arguments(format: str, bits: int, strategy: str, group_size: Optional
 
 
 def input_arguments(activations: str) -> Any:
-    """compressed-tensors' ``QuantizationArgs`` of dynamic per-token inputs (W8A8's and FP8_DYNAMIC's), or None."""
+    """compressed-tensors' ``QuantizationArgs`` of the inputs: those of the preset :data:`ACTIVATION_PRESETS` names
+    (W8A8, FP8_DYNAMIC, FP8, NVFP4, MXFP4), or None."""
     if activations == "none":
         return None
     library()
-    preset = "W8A8" if activations == "int8" else "FP8_DYNAMIC"
-    return _presets()[preset]["input_activations"].model_copy(deep=True)
+    return _presets()[ACTIVATION_PRESETS[activations]]["input_activations"].model_copy(deep=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +181,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """x (float32, within ±6) rounded to the nearest E2M1 value, ties to the even code, as the library's
     ``cast_to_fp4``: one search among the seven midpoints and a lookup (no boolean masks: no device sync)."""
     boundaries, values = _e2m1_tables(x.device)
-    rounded = torch.take(values, torch.bucketize(x.abs(), boundaries))
+    rounded = torch.take(values, torch.bucketize(x.abs().contiguous(), boundaries))  # bucketize copies otherwise
     return rounded.copysign_(x)
 
 
@@ -203,9 +223,54 @@ def group_scales(format: str, absmax: torch.Tensor, global_scale: Optional[torch
     return scales.to(torch.float32)
 
 
-def quantize_inputs(x: torch.Tensor, args: Any, module: torch.nn.Module) -> torch.Tensor:
-    """Q(x): the dynamic activation quantization a compressed-tensors loader applies to a Linear's input."""
+def static_input_tensors(args: Any, observed: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The static tensors a loader reads for inputs of arguments ``args`` (:func:`input_arguments`), from the observed
+    max|x| (a 0-d float32 tensor), as the library's ``static_minmax`` observer derives them: FP8's ``input_scale``
+    (``calculate_qparams``: max|x| / 448, in the layer's dtype ``dtype``, as the loader holds it) or NVFP4's
+    ``input_global_scale`` (``generate_gparam``, 448 · 6 / max|x|, rounded down to a power of two as the weights'
+    global scale is: transformers 4.x loads it in the model's dtype, where a power of two stays exact, so every loader
+    quantizes with the same value); nothing for dynamic inputs. Device operations only."""
+    if args is None or args.dynamic is True:
+        return {}
+    if not args.dynamic:  # FP8: one static scale
+        from compressed_tensors.quantization.utils.helpers import calculate_qparams
+        observed = observed.reshape(1)
+        scale, _ = calculate_qparams(observed.neg(), observed, args)
+        return {"input_scale": scale.to(dtype)}
+    if args.strategy == "tensor_group":  # NVFP4: dynamic ("local") group scales under a static global scale
+        from compressed_tensors.quantization.utils.helpers import generate_gparam
+        observed = observed.reshape(1)
+        library_scale = generate_gparam(observed.neg(), observed)
+        return {"input_global_scale": torch.exp2(torch.floor(torch.log2(library_scale)))}
+    return {}
+
+
+def quantize_inputs(x: torch.Tensor, args: Any, module: torch.nn.Module,
+                    static: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Q(x): the activation quantization a compressed-tensors loader applies to a Linear's input (its
+    ``forward_quantize``), with the static tensors of :func:`static_input_tensors` where the inputs have them."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
-    scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=module)
-    return fake_quantize(x=x, scale=scale, zero_point=zero_point, args=args)
+    static = static or {}
+    global_scale = static.get("input_global_scale")
+    if "input_scale" in static:
+        scale, zero_point = static["input_scale"], None
+    else:
+        scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=module, global_scale=global_scale)
+    if args.num_bits == 4:
+        return _fake_quantize_fp4(x, scale, args.group_size, global_scale)
+    return fake_quantize(x=x, scale=scale, zero_point=zero_point, args=args, global_scale=global_scale)
+
+
+def _fake_quantize_fp4(x: torch.Tensor, scale: torch.Tensor, group_size: int,
+                       global_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The library's ``fake_quantize`` of FP4 groups (its ``_process_group`` and ``_quantize_dequantize``, operation
+    for operation, so in the same dtypes) with :func:`round_e2m1` for its ``cast_to_fp4``, which syncs on a GPU."""
+    groups = x.unflatten(-1, (x.shape[-1] // group_size, group_size))
+    scale = scale.unsqueeze(-1)
+    if global_scale is not None:
+        scale = scale / global_scale
+    scaled = groups / scale
+    limit = format_max("nvfp4")
+    rounded = round_e2m1(scaled.clamp(-limit, limit).float()).to(scaled.dtype)  # exact: E2M1 values in any dtype
+    return (rounded.to(scale.dtype) * scale).flatten(start_dim=-2).to(x.dtype)

@@ -49,8 +49,8 @@ class VConConfig:
             keyword arguments, ``VConConfig(method="prune", sparsity=0.9)``; read them back as ``config.options``
             (or ``config.sparsity``). Built-in options: prune ``sparsity``, ``prune_pattern``; binary
             ``binary_scale``; lowrank ``rank`` or ``rank_ratio``; quant ``bits``, ``strategy``, ``group_size``,
-            ``format`` (int, fp8, nvfp4, mxfp4), ``activations`` (none, int8, fp8) or a compressed-tensors preset
-            name as ``scheme`` (``VConConfig(method="quant", scheme="NVFP4A16")``).
+            ``format`` (int, fp8, nvfp4, mxfp4), ``activations`` (none, int8, fp8, fp8_static, nvfp4, mxfp4) or a
+            compressed-tensors preset name as ``scheme`` (``VConConfig(method="quant", scheme="NVFP4")``).
         target_modules: which Linear/Conv1D modules get VCON, in PEFT's grammar: a list of module names, each
             matching a full name or a dotted suffix; a string, used as a regex ``re.fullmatch``-ed against the
             full module name; or ``"all-linear"`` (every Linear/Conv1D and fused expert weight of the base model;

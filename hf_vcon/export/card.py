@@ -192,9 +192,9 @@ def _scheme_lines(model: nn.Module, repo_id: str) -> list[str]:
     schemes = sorted({_scheme_name(setting) for setting in require_state(model, "model_card").settings if setting.method == "quant"})
     named = f"Quantization scheme{'s' if len(schemes) > 1 else ''}: {', '.join(schemes)}. " if schemes else ""
     return [named + f"vLLM serves it (`vllm serve {repo_id}`): int4/int8 weight-only (W4A16, W8A16) with channel or "
-            "group scales, W8A8 (INT8 or FP8_DYNAMIC, activations quantized per token at run time), NVFP4 on GPUs "
-            "(no CPU kernel in vLLM 0.32), MXFP4; other integer widths and per-tensor int scales load in transformers "
-            "only."]
+            "group scales, W8A8 (INT8 or FP8_DYNAMIC, activations quantized per token at run time), FP8 (a static "
+            "input scale per layer, observed in training), NVFP4 and NVFP4A16 on GPUs (no CPU kernel in vLLM 0.32), "
+            "MXFP4; other integer widths and per-tensor int scales load in transformers only."]
 
 
 def _integer_only(model: nn.Module) -> bool:

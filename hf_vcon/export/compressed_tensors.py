@@ -107,11 +107,24 @@ def blockers(model: nn.Module, state: VConState) -> list[str]:
             "transformers Conv1D modules (GPT-2 style): compressed-tensors quantizes nn.Linear modules only, and "
             "transformers loads these architectures with Conv1D again, so a quantized layer would load as random "
             "weights")
+    unobserved = _unobserved_layers(state)
+    if unobserved:
+        problems.append(
+            f"{len(unobserved)} layers ({', '.join(unobserved[:3])}{', …' if len(unobserved) > 3 else ''}) quantize "
+            "their inputs with a static scale (FP8, NVFP4) but have observed no input yet, so the checkpoint would "
+            "have no input scale; run the model on data first (any training forward, or one forward in evaluation "
+            "mode)")
     head = _tied_output_head(model)
     if head is not None and head in names:
         problems.append(f"the output head {head!r} is quantized but tied to the input embeddings, which "
                         "compressed-tensors cannot load; leave it out (exclude_modules)")
     return problems
+
+
+def _unobserved_layers(state: VConState) -> list[str]:
+    """The layers with an input observer (:class:`~hf_vcon.layers.linear.VConLinear`) still at 0."""
+    return [name for name, layer, _ in state.named_layers()
+            if getattr(layer, "input_observer", None) is not None and not bool(layer.input_observer > 0)]
 
 
 def _tied_output_head(model: nn.Module) -> Optional[str]:
@@ -239,6 +252,7 @@ def _write_integer_weights(plain: nn.Module, state: VConState, source: dict, sch
             module = plain.get_submodule(name)
             if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
                 raise VConError(f"compressed-tensors did not attach a quantization scheme to {name!r}.")
+            _write_static_inputs(module, layer, weight.dtype)
             if getattr(layer.compressor, "is_float", False):
                 _write_float_weight(module, layer.compressor, weight, params)
                 continue
@@ -248,6 +262,20 @@ def _write_integer_weights(plain: nn.Module, state: VConState, source: dict, sch
                 module.weight_zero_point.zero_()
             # The library derives the codes again as clamp(round(W / s)): from W = codes · s they come out unchanged.
             module.weight.copy_(form.codes.to(torch.float32) * form.expanded_scale())
+
+
+def _write_static_inputs(module: nn.Module, layer: nn.Module, dtype: torch.dtype) -> None:
+    """A layer with an input observer: the static input tensors (``input_scale``, ``input_global_scale``) the
+    library's rule derives from its observed max|x|, the values VCON's Q(x) used, written where the loader reads
+    them."""
+    observer = getattr(layer, "input_observer", None)
+    if observer is None:
+        return
+    for key, value in layer.compressor.static_input_tensors(observer.detach().cpu(), dtype).items():
+        target = getattr(module, key, None)
+        if target is None:
+            raise VConError(f"compressed-tensors did not give {module.__class__.__name__} a {key!r} to write.")
+        target.copy_(value.reshape(target.shape).to(target.dtype))
 
 
 def _write_float_weight(module: nn.Module, compressor: Any, weight: torch.Tensor, params: dict) -> None:

@@ -43,17 +43,20 @@ from .protocol import (
 )
 
 
+OBSERVER = "vcon_input_absmax"
+
+
 class StraightThroughInputs(torch.autograd.Function):
     """Q(x), the compressor's activation quantization, whose gradient reaches x unchanged (straight-through)."""
 
     @staticmethod
-    def forward(ctx, x, compressor, module):
+    def forward(ctx, x, compressor, module, observed):
         with torch.no_grad():
-            return compressor.quantize_inputs(x, module)
+            return compressor.quantize_inputs(x, module, observed)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
 class VConLinear(VConUnit):
@@ -63,6 +66,15 @@ class VConLinear(VConUnit):
     compressor's C, with any trainable tensors of g registered here as ``vcon_<name>`` (low-rank: ``vcon_A``
     ``(r, in)``, ``vcon_B`` ``(out, r)``). β is set from outside (:func:`hf_vcon.set_beta` or the trainer); it is
     not part of the state dict, since it is a function of the optimizer step.
+
+    Input observer: where the compression quantizes the inputs with a static per-tensor scale
+    (``compressor.observes_inputs``: FP8 static, NVFP4's global scale), the layer keeps ``vcon_input_absmax``, the
+    running max|x| of its inputs (compressed-tensors' ``static_minmax``): a 0-d float32 buffer, in the state dict (a
+    resumed run continues with it), updated in place with device operations only by every forward in training mode,
+    whatever β (so the scale is ready when g starts to count). It starts at 0, "nothing observed"; a forward in
+    evaluation mode leaves it alone once set, and sets it from its input while it is 0 (so a model put at β = 0 and
+    evaluated quantizes with a scale of its data, not a degenerate one). The scale then follows from it by the
+    library's rule (:meth:`~hf_vcon.compressors.quant.Quantizer.static_input_tensors`).
 
     Args:
         base_layer: the layer to wrap; its parameters are reused, not copied.
@@ -78,6 +90,33 @@ class VConLinear(VConUnit):
         super().__init__(compressor, recompute_every=recompute_every, kept_only=kept_only)
         self.base_layer = base_layer
         self._register_compressed_params(self.latent_weight(), trainable=base_layer.weight.requires_grad)
+        if getattr(compressor, "observes_inputs", False):
+            self.register_buffer(OBSERVER, torch.zeros((), dtype=torch.float32, device=base_layer.weight.device))
+
+    @property
+    def input_observer(self) -> Optional[torch.Tensor]:
+        """The running max|x| of the layer's inputs (a 0-d float32 tensor), or None where Q has no static scale."""
+        return self._buffers.get(OBSERVER)
+
+    def _observe(self, x: torch.Tensor, observer: torch.Tensor) -> None:
+        """Fold max|x| into the observer, in place, on the device (no host read, no branch on data)."""
+        if x.numel() == 0:
+            return
+        with torch.no_grad():
+            low, high = torch.aminmax(x.detach())
+            current = torch.maximum(high, low.neg()).float()
+            if self.training:
+                observer.copy_(torch.maximum(observer, current))
+            else:
+                observer.copy_(torch.where(observer > 0, observer, current))
+
+    def _apply(self, fn, recurse=True):
+        observer = self._buffers.get(OBSERVER)
+        result = super()._apply(fn, recurse)
+        if observer is not None:  # model.half(), .to(bfloat16): the observer keeps its precision and its value
+            moved = self._buffers[OBSERVER]
+            self._buffers[OBSERVER] = observer.to(device=moved.device) if moved.dtype != observer.dtype else moved
+        return result
 
     # ------------------------------------------------------------------------------------------- views
     @property
@@ -114,6 +153,9 @@ class VConLinear(VConUnit):
             ForwardAudit.active.ran.add(id(self))
         if not isinstance(self.base_layer, LINEAR_TYPES):  # an adapter was put inside this layer after patching
             check_not_inside_vcon(self)
+        observer = self.input_observer
+        if observer is not None:
+            self._observe(x, observer)
         if self.phase == DENSE:  # f alone
             unused = list(self.compressed_params().values()) if self.training else []
             return keep_in_graph(self.base_layer(x), unused)
@@ -137,7 +179,8 @@ class VConLinear(VConUnit):
         matmuls while 0 < β < 1, one at β = 0); C(W) and Q(x) both straight-through."""
         latent = self.latent_weight()
         compressed = StraightThroughWeight.apply(latent, self.unit_state(), self.compressor, 0.0, False, False)
-        output = F.linear(StraightThroughInputs.apply(x, self.compressor, self.base_layer), compressed, self.bias)
+        quantized = StraightThroughInputs.apply(x, self.compressor, self.base_layer, self.input_observer)
+        output = F.linear(quantized, compressed, self.bias)
         if self.phase == COMPRESSED:
             return output
         return lerp(output, F.linear(x, latent, self.bias), self.vcon_beta)  # β as a device tensor: no sync

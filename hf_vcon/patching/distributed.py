@@ -1,8 +1,15 @@
 """VCON under DDP, FSDP (1 and 2) and DeepSpeed ZeRO-3, through the engines the Trainer already uses.
 
-- **DDP** needs nothing here: DDP broadcasts every parameter (``vcon_A``/``vcon_B`` included) from rank 0 when it
+- **DDP** needs one thing here: DDP broadcasts every parameter (``vcon_A``/``vcon_B`` included) from rank 0 when it
   wraps the model, β is a function of the optimizer step, and a path that contributes nothing still gets an exact
-  zero gradient (``layers.keep_in_graph``), so ``find_unused_parameters`` can stay off.
+  zero gradient (``layers.keep_in_graph``), so ``find_unused_parameters`` can stay off. But the ranks see different
+  data, so the input observers of static activation scales (FP8, NVFP4: each layer's running max|x|) differ:
+  :func:`sync_input_observers` makes them agree, one all-reduce (MAX) of all observers stacked per optimizer step
+  (the trainer's step hook calls it), so every rank, the checkpoints and the export hold the max over all ranks' data.
+  DDP's buffer broadcast (``broadcast_buffers``, on by default) copies rank 0's buffers to every rank before the first
+  forward after a synchronised backward, that is right after this merge, where they agree already; the micro-batches
+  of an accumulation window run under ``no_sync`` without it, so each rank's observations of all of them reach the
+  merge.
 - **FSDP** gathers a unit's weights for its forward; a VCON layer computes its mask / scale / blend there, from the
   full W, provided W and the layer's ``vcon_*`` tensors are gathered by the same unit. :func:`check_sharding`
   refuses a wrapping that shards a VCON layer's ``base_layer`` as a unit of its own; :func:`check_fsdp_plugin`
@@ -27,6 +34,27 @@ from torch import nn
 from ..errors import VConError
 from ..layers.linear import VConLinear
 from ..layers.protocol import VConUnit
+from .state import get_vcon_state
+
+
+def sync_input_observers(model: nn.Module) -> None:
+    """Under torch.distributed (more than one process), set every layer's input observer to its maximum over the
+    ranks: one ``all_reduce(MAX)`` of all observers stacked, on their device. Every rank must call it (a
+    collective); a no-op in one process or for a model with no observer. Running maxima merge exactly by their
+    maximum, so after the call each rank holds what one process seeing all ranks' inputs would hold."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1):
+        return
+    state = get_vcon_state(model)
+    observers = [layer.input_observer for layer in (state.layers if state is not None else [])
+                 if getattr(layer, "input_observer", None) is not None]
+    if not observers:
+        return
+    stacked = torch.stack(observers)
+    distributed.all_reduce(stacked, op=distributed.ReduceOp.MAX)
+    with torch.no_grad():
+        for observer, merged in zip(observers, stacked.unbind()):
+            observer.copy_(merged)
 
 
 def is_zero3_partitioned(tensor: torch.Tensor) -> bool:

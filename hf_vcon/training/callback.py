@@ -20,7 +20,7 @@ from ..config.vcon_config import VConConfig
 from ..errors import VConError, VConWarning
 from ..export.merged import AUTO, check_export_format, resolve_export_format, written_format
 from ..export.run import export_run, write_checkpoint_config
-from ..patching.distributed import gathered_for_reading, prepare_zero3
+from ..patching.distributed import gathered_for_reading, prepare_zero3, sync_input_observers
 from ..patching.state import get_vcon_state
 from ..patching.summary import VConSummary, vcon_summary
 from ..patching.verbs import apply_vcon, get_beta, release_dense_paths, set_step
@@ -149,8 +149,11 @@ class VConCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------- β
     def update(self, step: int, max_steps: Optional[int]) -> float:
         """Set β for optimizer step ``step`` (a no-op when the step has not changed: every micro-batch of a window
-        calls it, and it then touches no layer); return the current β."""
+        calls it, and it then touches no layer); return the current β. Under torch.distributed the ranks' input
+        observers are merged here too, once per step (:func:`~hf_vcon.patching.distributed.sync_input_observers`): at
+        the end of each optimizer step, so that the logs, checkpoints and export of the step agree on every rank."""
         if step != self._last_step:
+            sync_input_observers(self.model)
             self._beta = set_step(self.model, step, max_steps)
             self._last_step = step
         return self._beta

@@ -3,6 +3,7 @@ the low-rank blend forms, and "only the compressed path is computed once β = 0"
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build, tiny_inputs, vcon_config
 from reference import _keep_largest_rows
+from sync_count import as_on_an_accelerator, count_syncs
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -52,28 +54,65 @@ def _tied_weights(shape, dtype, generator) -> torch.Tensor:
     return torch.randint(-3, 4, shape, generator=generator).to(dtype)
 
 
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-upcast"], ids=str)
 @pytest.mark.parametrize("setting", [{"sparsity": 0.9}, {"sparsity": 0.5}, {"sparsity": 0.3, "prune_pattern": "row"},
                                      {"prune_pattern": "2:4"}], ids=lambda s: "-".join(map(str, s.values())))
-def test_training_state_is_the_position_rule_mask_bit_for_bit(setting, dtype):
-    """The state found with device operations alone is the mask of the definition (the largest |W|, ties broken by
-    position), for moving weights, weights full of ties (fp32, bf16 and bf16-rounded fp32), in any storage order."""
+def test_training_state_is_the_position_rule_mask_bit_for_bit(setting, dtype, path):
+    """The state is the mask of the definition (the largest |W|, ties broken by position), for moving weights, weights
+    full of ties (fp32, bf16 and bf16-rounded fp32), in any storage order: found with device operations alone (an
+    accelerator's path), and on a CPU near the previous step's cut (one memo through the sequence)."""
     pruner = _layer("prune", setting).compressor
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(96, 80, generator=generator)]
-    for move in (1e-4, 0.3, 0.0):
+    for move in (1e-4, 0.3, 0.0, 1e-6):
         weights.append(weights[-1] + move * torch.randn(96, 80, generator=generator))
     weights += [_tied_weights((96, 80), dtype, generator) for _ in range(3)]
+    weights += [weights[-1] + 1e-3, torch.zeros(96, 80)]  # ties shifted a little; nothing to keep but zeros
+    memos = ({}, {})
+    paths = as_on_an_accelerator if path == "accelerator" else contextlib.nullcontext
     for weight in weights:
         weight = weight.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-        for stored in (weight, weight.t().contiguous().t()):  # row-major and transposed (Conv1D) storage
-            state = pruner.compression_state(stored, {})
+        for stored, memo in zip((weight, weight.t().contiguous().t()), memos):  # row-major and transposed storage
+            with paths():
+                state = pruner.compression_state(stored, memo)
             groups, keep = pruner._groups(stored.abs())
             expected = _keep_largest_rows(groups.float().numpy(), keep).reshape(stored.shape)
             assert state.dtype == torch.bool and np.array_equal(state.numpy(), expected)
             assert torch.equal(pruner.blend(stored, state, 0.0), stored * torch.from_numpy(expected))
             blended = pruner.blend(stored, state, torch.tensor(0.25))
             assert torch.equal(blended, torch.where(state, stored, torch.lerp(stored * 0, stored, 0.25)))
+
+
+class _FullSelections(TorchDispatchMode):
+    """Counts the selections (``kthvalue``) over ``numel`` entries or more."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "kthvalue" and args[0].numel() >= self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_a_cpu_the_cut_is_searched_near_the_previous_one():
+    """A per-layer cut is selected over all of W at the first step only, then among the weights near it (values
+    read back: free on a CPU); the accelerator path never reads one back."""
+    pruner = _pruner(0.7)
+    generator = torch.Generator().manual_seed(0)
+    weight, memo = torch.randn(96, 80, generator=generator), {}
+    selections = []
+    for _ in range(4):
+        with _FullSelections(weight.numel()) as full:
+            pruner.compression_state(weight, memo)
+        selections.append(full.count)
+        weight = weight + 1e-4 * torch.randn(96, 80, generator=generator)
+    assert selections == [1, 0, 0, 0]
+    assert count_syncs(lambda: pruner.compression_state(weight, memo)).total > 0
+    with as_on_an_accelerator():
+        assert count_syncs(lambda: pruner.compression_state(weight, memo)).total == 0
 
 
 @pytest.mark.parametrize("method, setting", [("prune", {"sparsity": 0.7}), ("prune", {"prune_pattern": "row", "sparsity": 0.5}),

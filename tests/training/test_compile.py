@@ -14,7 +14,10 @@ from hf_vcon import apply_vcon, set_step
 
 SETTINGS = [pytest.param("prune", {"sparsity": 0.5}, id="prune"), pytest.param("lowrank", {"rank": 3}, id="lowrank"),
             pytest.param("binary", {}, id="binary", marks=pytest.mark.slow),
-            pytest.param("quant", {"bits": 4}, id="quant", marks=pytest.mark.slow)]  # the same path as prune's
+            pytest.param("quant", {"bits": 4}, id="quant", marks=pytest.mark.slow),  # the same path as prune's
+            # inputs quantized, outputs blended; the observer of the static scales updated in place by the graph
+            pytest.param("quant", {"scheme": "FP8"}, id="quant-fp8-static-inputs", marks=pytest.mark.slow),
+            pytest.param("quant", {"scheme": "NVFP4"}, id="quant-nvfp4-w4a4", marks=pytest.mark.slow)]
 Q = 2  # steps 0 (β = 1), 1 (β = 0.5), 2 and 3 (β = 0)
 
 

@@ -1,7 +1,8 @@
 """A training step never makes the host wait for the device: one optimizer step (``set_step``, forward, backward,
 optimizer) of a patched model makes exactly the synchronising operations (:mod:`sync_count`) its dense model makes,
 for every registered compression, layer-wise and block-wise, on fused experts, mid-transition and after, in fp32
-and under bf16 autocast."""
+and under bf16 autocast. The steps run hf_vcon's accelerator paths (:func:`sync_count.as_on_an_accelerator`): on a CPU,
+where reading a value back is free, pruning searches its cut near the previous one, which reads values back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import transformers
 from architectures import by_key
 from conftest import METHOD_CASES, SETTING_CASES, SOLO_METHOD_CASES, build, tiny_inputs, vcon_config
 from hf_vcon import apply_vcon, set_step
-from sync_count import count_syncs
+from sync_count import as_on_an_accelerator, count_syncs
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 Q = 4  # transition steps: step 2 is mid-transition (β = 0.5), step 5 after it (β = 0)
 PHASES = {"transition": (1, 2), "after": (4, 5), "new window": (2, 3)}  # (a step that warms up, the step counted)
 BLOCKS = {"bert": r"bert\.encoder\.layer\.\d+"}
+
+
+@pytest.fixture(autouse=True)
+def _accelerator_paths():
+    with as_on_an_accelerator():
+        yield
 
 
 def _bert_batch():
@@ -101,11 +108,26 @@ def test_fused_experts_step_is_sync_free(method, setting, phase, autocast):
 @pytest.mark.parametrize("autocast", DTYPES)
 @pytest.mark.parametrize("phase", ["transition", "after"])
 @pytest.mark.parametrize("setting", [pytest.param({"bits": 8, "activations": "int8"}, id="W8A8-int8"),
-                                     pytest.param({"format": "fp8", "activations": "fp8"}, id="FP8-dynamic")])
+                                     pytest.param({"format": "fp8", "activations": "fp8"}, id="FP8-dynamic"),
+                                     pytest.param({"scheme": "FP8"}, id="FP8-static"),
+                                     pytest.param({"scheme": "NVFP4"}, id="NVFP4-W4A4"),
+                                     pytest.param({"scheme": "MXFP4"}, id="MXFP4-W4A4")])
 def test_step_with_quantized_inputs_is_sync_free(setting, phase, autocast):
-    """The activation-quantizing path (g(x) = C·Q(x) + b, outputs blended) is not among the example settings, whose
-    merged model must equal β = 0: it has its own cases here."""
+    """The activation-quantizing path (g(x) = C·Q(x) + b, outputs blended; FP8 and NVFP4 also fold max|x| into the
+    layer's observer) is not among the example settings, whose merged model must equal β = 0: it has its own cases
+    here."""
     assert_sync_free("bert", vcon_config("quant", setting, transition_steps=Q), phase, autocast)
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 stores experts as Linears")
+@pytest.mark.parametrize("phase", ["transition", "after"])
+@pytest.mark.parametrize("setting", [pytest.param({"scheme": "FP8"}, id="FP8-static"),
+                                     pytest.param({"scheme": "NVFP4"}, id="NVFP4-W4A4"),
+                                     pytest.param({"scheme": "MXFP4"}, id="MXFP4-W4A4")])
+def test_decoder_step_with_quantized_inputs_is_sync_free(setting, phase):
+    """A decoder too (Mixtral's attention and router-free Linears; its fused experts take no input quantization)."""
+    config = vcon_config("quant", setting, transition_steps=Q, exclude_modules=r".*experts.*")
+    assert_sync_free("mixtral", config, phase, False)
 
 
 @pytest.mark.parametrize("phase", ["transition", "after"])
