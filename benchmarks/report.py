@@ -142,16 +142,16 @@ def write_gap_table(records: list[dict], dense: float, out: str, task: str, head
         runs[(setting, record["arm"])][record["seed"]] = record["test_metric"]
     plus, plus_kd = runs.get(("—", "dense+"), {}), runs.get(("—", "dense+kd"), {})
     settings = list(dict.fromkeys(_quant_label(r) for r in records if not r["arm"].startswith("dense+")))
-    lines = [f"**{task}, share of the PTQ → dense gap closed** — {header}. Test perplexity (lower is better) after the "
-             "last step, mean ± std over seeds (PTQ and dense are deterministic: one number). Share closed = (PTQ − "
-             "arm) / (PTQ − reference), per seed: against dense (the starting point) and against dense+ (the dense "
-             "model trained for the same steps with the same recipe, uncompressed; the same training budget, the fair "
-             "one); the distilled arms also against dense+ + KD (dense+ distilling from the dense model, as they do). VCON vs "
-             "post-shot: paired perplexity gain (post-shot − VCON, same distillation), with the seeds on which VCON "
-             "is better.", "",
-             "| setting | arm | perplexity | share of PTQ → dense closed | share of PTQ → dense+ closed | "
-             "share of PTQ → dense+ + KD closed | VCON vs post-shot |", "|---|---|---|---|---|---|---|",
-             f"| — | dense | {dense:.2f} | — | — | — | — |",
+    caption = (f"**{task}, share of the PTQ → dense gap closed** — {header}. Test perplexity (lower is better) after "
+               "the last step, mean ± std over seeds (PTQ and dense are deterministic: one number). Share closed = "
+               "(PTQ − arm) / (PTQ − reference), per seed: against dense (the starting point) and against dense+ (the "
+               "dense model trained for the same steps with the same recipe, uncompressed; the same training budget, "
+               "the fair one); the distilled arms also against dense+ + KD (dense+ distilling from the dense model, as "
+               "they do). VCON vs post-shot: paired perplexity gain (post-shot − VCON, same distillation), with the "
+               "seeds on which VCON is better.")
+    columns = ("| setting | arm | perplexity | share of PTQ → dense closed | share of PTQ → dense+ closed | "
+               "share of PTQ → dense+ + KD closed | VCON vs post-shot |")
+    lines = [caption, "", columns, "|---|---|---|---|---|---|---|", f"| — | dense | {dense:.2f} | — | — | — | — |",
              f"| — | dense+ | {_values(plus, 'perplexity')} | — | — | — | — |"]
     if plus_kd:
         lines.append(f"| — | dense+ + KD | {_values(plus_kd, 'perplexity')} | — | — | — | — |")
