@@ -92,8 +92,9 @@ def _layers_by_name(state: VConState) -> dict[str, nn.Module]:
     return dict(zip(state.targeted_module_names, state.layers))
 
 
-def blockers(model: nn.Module, state: VConState) -> list[str]:
-    """Why ``model`` cannot be written in the compressed-tensors format (empty if it can)."""
+def blockers(model: nn.Module, state: VConState, *, before_training: bool = False) -> list[str]:
+    """Why ``model`` cannot be written in the compressed-tensors format (empty if it can). ``before_training``
+    leaves out what training itself resolves: input observers that have seen no data yet."""
     names = integer_layer_names(state)
     if not names:
         methods = sorted({setting.method for setting in state.settings})
@@ -107,7 +108,7 @@ def blockers(model: nn.Module, state: VConState) -> list[str]:
             "transformers Conv1D modules (GPT-2 style): compressed-tensors quantizes nn.Linear modules only, and "
             "transformers loads these architectures with Conv1D again, so a quantized layer would load as random "
             "weights")
-    unobserved = _unobserved_layers(state)
+    unobserved = [] if before_training else _unobserved_layers(state)
     if unobserved:
         problems.append(
             f"{len(unobserved)} layers ({', '.join(unobserved[:3])}{', …' if len(unobserved) > 3 else ''}) quantize "

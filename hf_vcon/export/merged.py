@@ -74,8 +74,11 @@ def check_export_format(export_format: Any, field: str = "export_format") -> Non
         raise ValueError(f"{field}={export_format!r} is not known; use one of: {', '.join(EXPORT_FORMATS)}.")
 
 
-def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: bool = True) -> str:
-    """The format :func:`save_merged` writes for ``model``: ``"dense"`` or ``"compressed-tensors"``.
+def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: bool = True,
+                          before_training: bool = False) -> str:
+    """The format :func:`save_merged` writes for ``model``: ``"dense"`` or ``"compressed-tensors"``; with
+    ``before_training``, the format it will write once trained (static input scales not yet observed are no obstacle:
+    every training forward observes them).
 
     Raises:
         ValueError: for an unknown ``export_format``.
@@ -89,7 +92,7 @@ def resolve_export_format(model: nn.Module, export_format: str = AUTO, *, warn: 
     check_not_in_modules_to_save(inner, state.targeted_module_names)
     if export_format == DENSE:
         return DENSE
-    problems = export_ct.blockers(inner, state)
+    problems = export_ct.blockers(inner, state, before_training=before_training)
     if export_format == COMPRESSED_TENSORS:
         if problems:
             raise VConError(f"export_format='{COMPRESSED_TENSORS}' cannot write this model: {'; '.join(problems)}. "

@@ -96,7 +96,7 @@ class VConCallback(TrainerCallback):
         self.vcon_config = get_vcon_state(inner).config
         self.model = inner
         # An impossible format (a missing package, GPT-2's Conv1D) is an error now, not after training.
-        self.export_format = resolve_export_format(inner, self.requested_format)
+        self.export_format = resolve_export_format(inner, self.requested_format, before_training=True)
         if is_deepspeed_zero3_enabled():
             prepare_zero3(inner)  # before deepspeed.initialize, which the Trainer calls in train()
         self.summary = self._summary_from_full_weights(inner)

@@ -308,6 +308,32 @@ def test_export_needs_observed_inputs(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "auto" / "config.json").read_text())
 
 
+@pytest.mark.parametrize("export_format", ["compressed-tensors", "auto"])
+def test_trainer_accepts_static_scales_before_training_observes_them(tmp_path, export_format):
+    """At construction no input has been observed yet, and training observes them: neither an error nor a "saved
+    dense" warning then, and the trained model is written with its input scales."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from hf_vcon import VConTrainer
+
+    batch = tiny_inputs("llama", batch=8)["input_ids"]
+    dataset = [{"input_ids": row, "labels": row} for row in batch]
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VConWarning)
+        trainer = VConTrainer(model=build("llama"), args=args, train_dataset=dataset, export_format=export_format,
+                              vcon_config=VConConfig(method="quant", scheme="FP8", transition_steps=1))
+    assert trainer.export_format == "compressed-tensors"
+    trainer.train()
+    trainer.save_model()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] is False
+    assert any(key.endswith("input_scale") for key in tensors(tmp_path / "run"))
+
+
 # ------------------------------------------------------------------------------------------ round trips
 ARCHITECTURES = ["llama", "qwen2", "bert", "vit"]
 
