@@ -229,6 +229,11 @@ class TeacherLogits:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def width(self) -> int:
+        """The logits per cached row: the teacher's classes or vocabulary."""
+        return int(self._logits.get_shape()[-1])
+
     def rows(self, index: int) -> torch.Tensor:
         return self._logits[int(self.offsets[index]):int(self.offsets[index + 1])]
 

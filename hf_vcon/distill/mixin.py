@@ -33,6 +33,7 @@ from .losses import DistillationConfig, distill_mask, hidden_state_loss, kd_loss
 from .teacher import (
     FeatureCapture,
     build_teacher,
+    check_cached_outputs,
     check_same_teacher,
     fingerprint,
     place_teacher,
@@ -104,6 +105,8 @@ class DistillationMixin:
         config = self.distillation
         self.teacher_logits = TeacherLogits(config.teacher_logits, config.verify_teacher_logits) \
             if config.teacher_logits else None
+        if self.teacher_logits is not None:
+            check_cached_outputs(self.model, self.teacher_logits.width, config.teacher_logits)
         self._shared_outputs = None
         if self.teacher is not None:
             self._shared_outputs = shared_outputs(self.model, self.teacher, self.processing_class)

@@ -132,6 +132,21 @@ def shared_outputs(student: nn.Module, teacher: nn.Module, tokenizer: Any = None
     raise VConError(f"The teacher's outputs do not match the student's: its {what}. {hint}.")
 
 
+def check_cached_outputs(student: nn.Module, width: int, path: str) -> None:
+    """Cached teacher logits of ``width`` per row must be the student's outputs (its classes or vocabulary), checked
+    when training is set up rather than at its first batch.
+
+    Raises:
+        VConError: when the student says how many outputs it has and they are not ``width``.
+    """
+    kind, size = output_size(unwrap_model(student))
+    if size is not None and size != width:
+        outputs = f"{size} labels" if kind == "labels" else f"a vocabulary of {size} rows"
+        raise VConError(f"The teacher logits cached in {path!r} have {width} logits per row, the student has "
+                        f"{outputs}: the cache was written for another model or task. Cache the logits of a teacher "
+                        "with the student's outputs (hf_vcon.cache_teacher_logits).")
+
+
 def _warn_other_tokenizer(student: nn.Module, teacher: nn.Module) -> None:
     names = [getattr(getattr(model, "config", None), "tokenizer_class", None) for model in (student, teacher)]
     if None not in names and names[0] != names[1]:

@@ -405,6 +405,9 @@ def test_cached_logits_train_as_the_running_teacher_and_refuse_other_data(tmp_pa
         _vision_free_run(tmp_path / "other", DistillationConfig(alpha=0.8, teacher_logits=path), other)
     with pytest.raises(VConError, match="has no 'teacher_index'"):
         _vision_free_run(tmp_path / "no-index", DistillationConfig(alpha=0.8, teacher_logits=path), dataset)
+    with pytest.raises(VConError, match=r"have 3 logits per row, the student has 5 labels"):  # before training
+        vcon_trainer(tmp_path / "other-head", DistillationConfig(alpha=0.8, teacher_logits=path),
+                     model=tiny_bert(num_labels=5), dataset=add_teacher_index(dataset))
 
 
 def _vision_free_run(output_dir, config, dataset):
